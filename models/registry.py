@@ -59,3 +59,15 @@ def build_model(arch: str, config: dict, vocab_size: int | None = None) -> PreTr
 def _pararnn():
     from .pararnn import ParaRNNConfig, ParaRNNForCausalLM
     return ParaRNNConfig, ParaRNNForCausalLM
+
+
+@register_arch("transformer")
+def _transformer():
+    from .transformer import TransformerConfig, TransformerForCausalLM
+    return TransformerConfig, TransformerForCausalLM
+
+
+@register_arch("mamba2")
+def _mamba2():
+    from .mamba2 import Mamba2DocConfig, Mamba2DocForCausalLM
+    return Mamba2DocConfig, Mamba2DocForCausalLM

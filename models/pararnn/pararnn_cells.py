@@ -109,6 +109,9 @@ class ParaRNNCell(nn.Module):
         self.b = nn.Parameter(torch.empty(G, N))
         self.track_residual = False
         self.last_residual: Optional[Tensor] = None
+        if type(self).__init__ is ParaRNNCell.__init__:
+            # A subclass that defines only transition() must not be left with torch.empty weights.
+            self.reset_parameters()
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -210,6 +213,10 @@ class ParaRNNCell(nn.Module):
         if state is not None and tuple(state.shape) != (x.shape[0], width):
             raise ValueError(f"{name}: state must be [batch, {width}] = [{x.shape[0]}, {width}], "
                              f"got {tuple(state.shape)}")
+        if reset is not None and reset.dtype != torch.bool:
+            # ~reset on an int 0/1 mask is bitwise (-1/-2), which would silently scale the state.
+            raise ValueError(f"{name}: reset must be a bool tensor (True where a document starts), "
+                             f"got {reset.dtype}")
         if reset is not None and tuple(reset.shape) != tuple(x.shape[:2]):
             raise ValueError(f"{name}: reset must be [batch, T] = {list(x.shape[:2])}, got {list(reset.shape)}")
 

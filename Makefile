@@ -1,0 +1,41 @@
+# Quickstart: `make train` then `make test`. Both set up the environment first: the active virtualenv if
+# there is one, else .venv (created here). torch comes from the CPU wheel pip finds on this kind of
+# machine; an open torch range would pull a multi-GB CUDA build.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON_BOOT ?= python3
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pararnn-$(shell cat requirements.txt requirements-dev.txt .ci/constraints.txt | sha256sum | cut -c1-12)
+
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export WANDB_MODE ?= disabled
+
+.PHONY: setup train test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt .ci/constraints.txt
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "torch>=2.11,<2.14" 2>&1 | { grep -v "is ignored" || true; }
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -c .ci/constraints.txt 2>&1 | { grep -v "is ignored" || true; }
+	$(PY) -m pip check
+	@rm -f $(VENV)/.pararnn-* && touch $@
+
+train: setup
+	$(PY) train.py $(ARGS)
+
+test: setup
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --timeout 900 tests $(ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_cells_cpu.py
+
+clean:
+	rm -rf runs outputs

@@ -1,0 +1,512 @@
+"""Streaming data pipeline: config, loading, tokenization, packing, sharding, exact resume.
+
+What is special here:
+
+* **Config first, heavy work second.** ``DataConfig.validate()`` runs before any dataset or
+  tokenizer is opened and raises :class:`ConfigError` with a one-line message naming the
+  offending key or file (a missing data file names the file or glob).
+* **Everything streams** through ``datasets.load_dataset(..., streaming=True)``: local
+  json/jsonl(.gz), parquet and text files, or a hub dataset. Relative paths are resolved
+  against the repository root, not the working directory.
+* **Documents** become ``[EOS] + tokens(text)`` (see :mod:`data.packing`). Text is encoded
+  with ``split_special_tokens=True``: a literal ``"<|endoftext|>"`` inside a document is
+  ordinary text, so EOS ids occur only at real document starts. Documents whose text is empty
+  (or ``None``) are skipped. An optional generic filter drops documents whose field
+  ``exclude_field`` (dotted path, e.g. ``meta.redpajama_set_name``) has a value in
+  ``exclude_values`` (compared as strings).
+* **Sharding:** ``datasets.distributed.split_dataset_by_node`` per rank; by shard (file) when
+  the number of shards is divisible by ``world_size``, otherwise every ``world_size``-th example.
+* **Exact resume:** ``PackedStream.state_dict()`` = the HF IterableDataset's own ``state_dict()``
+  taken right after the last document pulled from it + the document shuffle buffer and its RNG
+  state + the packer's leftover tokens + epoch counters. Resuming continues with the next
+  unseen token, also across epoch boundaries and with shuffling on. All state is JSON-serialisable.
+* **Shuffling** is our own document-level buffer (``shuffle_buffer`` documents, seeded by
+  ``seed``/rank/epoch) because HF's ``.shuffle(buffer_size=...)`` loses its buffer on resume.
+  Its buffer (raw texts) is part of the state, so checkpoints grow with ``shuffle_buffer``.
+  Across epochs the shard (file) order is additionally reshuffled by HF itself
+  (``set_epoch`` is called at every epoch start; this also avoids the HF gotcha that a loaded
+  state would otherwise be re-applied to every later pass).
+* **Single process, deterministic**: no DataLoader workers (tokenizing GPT-2 runs at ~0.4-0.6 M tokens per CPU-second).
+* **Validation** rows are made from the whole (capped) validation stream, identically on every
+  rank, and then dealt out round-robin; the global set of rows does not depend on the
+  world size except that it is truncated to a multiple of it (so all ranks run the same number
+  of forward passes, which ZeRO-3 needs).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob as globlib
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .packing import Row, TokenPacker, collate_rows
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""Relative data/tokenizer paths in a :class:`DataConfig` are resolved against this directory."""
+
+LOCAL_FORMATS = ("json", "parquet", "text")
+FORMATS = LOCAL_FORMATS + ("hub",)
+SPLITS = ("train", "validation")
+STATE_VERSION = 1
+
+Batch = Dict[str, torch.Tensor]
+
+
+class ConfigError(ValueError):
+    """A data/tokenizer configuration problem; the message is one line naming the key or file."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))  # force a single line
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """What to read and how to cut it. Defaults: the State of the Union corpus embedded in
+    ``data/sotu`` with the GPT-2 tokenizer embedded in ``data/tokenizer/gpt2``.
+
+    Plain types only, so it works as an OmegaConf/Hydra structured config.
+    """
+
+    name: str = "sotu"
+    format: str = "json"  # "json" | "parquet" | "text" | "hub"
+    # local files: lists of paths or globs; relative paths resolve against the repo root
+    train_files: List[str] = field(default_factory=lambda: ["data/sotu/train.jsonl.gz"])
+    validation_files: List[str] = field(default_factory=lambda: ["data/sotu/validation.jsonl.gz"])
+    # hub datasets (format == "hub"): load_dataset(hub_path, hub_name, split=..., streaming=True)
+    hub_path: Optional[str] = None
+    hub_name: Optional[str] = None
+    train_split: str = "train"
+    validation_split: Optional[str] = "validation"  # None: no validation data
+    # generic document filter, e.g. exclude_field="meta.redpajama_set_name",
+    # exclude_values=["RedPajamaBookSub"] drops Books3 from SlimPajama
+    exclude_field: Optional[str] = None
+    exclude_values: List[str] = field(default_factory=list)
+    text_field: str = "text"  # dotted path allowed
+    load_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra load_dataset(...) kwargs
+    tokenizer: str = "data/tokenizer/gpt2"  # local directory (relative to the repo root) or hub name
+    seq_len: int = 1024
+    shuffle_buffer: int = 0  # documents; 0 = off (file order)
+    seed: int = 0
+    validation_rows: Optional[int] = None  # cap on validation rows over all ranks; None = all
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "DataConfig":
+        """Build from a plain mapping (e.g. ``OmegaConf.to_container(cfg.data)``); unknown keys
+        raise :class:`ConfigError` naming the key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"data config: unknown key '{key}' (known: {', '.join(sorted(known))})")
+        kwargs = dict(values)
+        for key in ("train_files", "validation_files", "exclude_values"):
+            if isinstance(kwargs.get(key), str):
+                kwargs[key] = [kwargs[key]]
+        return cls(**kwargs)
+
+    def files(self, split: str) -> List[str]:
+        if split not in SPLITS:
+            raise ConfigError(f"data config '{self.name}': unknown split '{split}' (expected one of {SPLITS})")
+        return list(self.train_files if split == "train" else self.validation_files)
+
+    def has_split(self, split: str) -> bool:
+        if self.format == "hub":
+            return bool(self.train_split if split == "train" else self.validation_split)
+        return bool(self.files(split))
+
+    def validate(self, check_files: bool = True) -> "DataConfig":
+        """Check the config without opening any dataset. Raises :class:`ConfigError`.
+
+        ``check_files`` resolves every local path/glob and fails if one matches no file."""
+        where = f"data config '{self.name}'"
+        if self.format not in FORMATS:
+            raise ConfigError(f"{where}: format must be one of {', '.join(FORMATS)}; got format={self.format!r}")
+        if not _is_positive_int(self.seq_len):
+            raise ConfigError(f"{where}: seq_len must be a positive integer; got seq_len={self.seq_len!r}")
+        if not isinstance(self.shuffle_buffer, int) or isinstance(self.shuffle_buffer, bool) or self.shuffle_buffer < 0:
+            raise ConfigError(f"{where}: shuffle_buffer must be an integer >= 0; got shuffle_buffer={self.shuffle_buffer!r}")
+        if self.validation_rows is not None and not _is_positive_int(self.validation_rows):
+            raise ConfigError(f"{where}: validation_rows must be a positive integer or null; got {self.validation_rows!r}")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"{where}: seed must be an integer; got seed={self.seed!r}")
+        if not self.text_field:
+            raise ConfigError(f"{where}: text_field must be a non-empty field name")
+        if not self.tokenizer:
+            raise ConfigError(f"{where}: tokenizer must name a directory or a hub tokenizer")
+        if self.exclude_values and not self.exclude_field:
+            raise ConfigError(f"{where}: exclude_values is set but exclude_field is not")
+        if self.format == "hub":
+            if not self.hub_path:
+                raise ConfigError(f"{where}: format=hub needs hub_path (e.g. 'DKYoon/SlimPajama-6B')")
+            if not self.train_split:
+                raise ConfigError(f"{where}: format=hub needs train_split")
+            if self.validation_split and self.validation_rows is None:
+                raise ConfigError(
+                    f"{where}: format=hub needs validation_rows (the validation split is streamed in full on every rank)"
+                )
+        else:
+            if not self.train_files:
+                raise ConfigError(f"{where}: train_files is empty")
+            if check_files:
+                for split in SPLITS:
+                    resolve_data_files(self.files(split), key=f"{split}_files")
+        return self
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def resolve_path(path: str) -> str:
+    """Expand ``~`` and resolve a relative path against the repo root; URLs pass through."""
+    if "://" in path:
+        return path
+    p = Path(os.path.expanduser(path))
+    return str(p if p.is_absolute() else REPO_ROOT / p)
+
+
+def resolve_data_files(patterns: Sequence[str], key: str = "files") -> List[str]:
+    """Expand paths/globs (sorted per pattern, order of patterns kept, duplicates dropped).
+
+    Raises :class:`ConfigError` naming the first path or glob that matches no file.
+    Remote URLs (``scheme://``) are passed through unchecked."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out: List[str] = []
+    for pattern in patterns:
+        resolved = resolve_path(str(pattern))
+        if "://" in resolved:
+            matches = [resolved]
+        elif globlib.has_magic(resolved):
+            matches = sorted(p for p in globlib.glob(resolved, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise ConfigError(f"{key}: glob '{pattern}' matches no file (resolved to {resolved})")
+        else:
+            if not os.path.isfile(resolved):
+                raise ConfigError(f"{key}: data file not found: '{pattern}' (resolved to {resolved})")
+            matches = [resolved]
+        out.extend(m for m in matches if m not in out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer
+# ------------------------------------------------------------------------------------------------
+def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
+    """``AutoTokenizer.from_pretrained`` on a local directory (relative to the repo root) or, if
+    no such directory exists and the string does not look like a path, a hub name."""
+    from transformers import AutoTokenizer
+
+    local = Path(resolve_path(name_or_path))
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or (os.sep in name_or_path and local.parent.exists())
+    if local.is_dir():
+        source = str(local)
+    elif looks_like_path and not local.exists():
+        raise ConfigError(f"tokenizer: directory not found: '{name_or_path}' (resolved to {local})")
+    else:
+        source = name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # offline hub lookups raise OSError with multi-line text
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"tokenizer: could not load '{name_or_path}': {type(exc).__name__}: {first}") from exc
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer: '{name_or_path}' has no eos token (needed as document separator)")
+    return tokenizer
+
+
+def encode_document(tokenizer: "PreTrainedTokenizerBase", text: str) -> List[int]:
+    """Token ids of one document, without special tokens; special-token strings in the text are
+    encoded as ordinary text (so EOS never occurs inside a document)."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+def load_dataset_call(cfg: DataConfig, split: str) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """The positional and keyword arguments for ``datasets.load_dataset`` for one split
+    (separate so the hub call can be checked offline)."""
+    if split not in SPLITS:
+        raise ConfigError(f"data config '{cfg.name}': unknown split '{split}'")
+    if not cfg.has_split(split):
+        key = ("validation_split" if cfg.format == "hub" else "validation_files") if split == "validation" else (
+            "train_split" if cfg.format == "hub" else "train_files")
+        raise ConfigError(f"data config '{cfg.name}': no {split} data ({key} is empty)")
+    kwargs: Dict[str, Any] = dict(cfg.load_kwargs)
+    kwargs["streaming"] = True
+    if cfg.format == "hub":
+        kwargs["split"] = cfg.train_split if split == "train" else cfg.validation_split
+        return (cfg.hub_path, cfg.hub_name), kwargs
+    files = resolve_data_files(cfg.files(split), key=f"{split}_files")
+    kwargs["data_files"] = {split: files}
+    kwargs["split"] = split
+    return (cfg.format,), kwargs
+
+
+def open_split(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1):
+    """A streaming ``datasets.IterableDataset`` of one split, restricted to ``rank``'s part."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    args, kwargs = load_dataset_call(cfg, split)
+    ds = datasets.load_dataset(*args, **kwargs)
+    if world_size > 1:
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    return ds
+
+
+def _get_field(example: Mapping[str, Any], dotted: str, key: str, split: str) -> Any:
+    value: Any = example
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            fields = ", ".join(map(str, example.keys()))
+            raise ConfigError(f"{key}: field '{dotted}' not found in a {split} example (fields: {fields})")
+        value = value[part]
+    return value
+
+
+class DocumentSource:
+    """Document texts of one split for one rank, epoch after epoch, with exact, plain-Python state.
+
+    ``next_text()`` returns the next document text; at the end of an epoch it starts the next
+    one (``repeat=True``) or returns ``None`` (``repeat=False``)."""
+
+    def __init__(self, cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1,
+                 repeat: bool = True, shuffle_buffer: int = 0) -> None:
+        self.cfg = cfg
+        self.split = split
+        self.rank = rank
+        self.world_size = world_size
+        self.repeat = repeat
+        self.shuffle_buffer = shuffle_buffer
+        self._dataset = open_split(cfg, split, rank, world_size)
+        self._exclude = {str(v) for v in cfg.exclude_values} if cfg.exclude_field else set()
+        self.epoch = 0
+        self.docs_in_epoch = 0  # documents handed out in the current epoch
+        self._iterator: Optional[Iterator[Dict[str, Any]]] = None
+        self._hf_state: Optional[Dict[str, Any]] = None  # HF state after the last pulled example
+        self._exhausted = False  # HF iterator ran out in this epoch (shuffle buffer still draining)
+        self._buffer: List[str] = []
+        self._rng = self._new_rng()
+
+    def _new_rng(self) -> random.Random:
+        return random.Random(f"pararnn-shuffle:{self.cfg.seed}:{self.rank}:{self.world_size}:{self.epoch}")
+
+    def _pull(self) -> Optional[str]:
+        """Next kept text from the HF iterator, or None when this epoch's data is exhausted."""
+        if self._iterator is None:
+            self._dataset.set_epoch(self.epoch)
+            # None clears a previously loaded state (HF would otherwise re-apply it)
+            self._dataset.load_state_dict(self._hf_state)  # type: ignore[arg-type]
+            self._iterator = iter(self._dataset)
+        for example in self._iterator:
+            self._hf_state = self._dataset.state_dict()
+            if self.cfg.exclude_field:
+                value = _get_field(example, self.cfg.exclude_field, "exclude_field", self.split)
+                if str(value) in self._exclude:
+                    continue
+            text = _get_field(example, self.cfg.text_field, "text_field", self.split)
+            if text is None or text == "":
+                continue
+            if not isinstance(text, str):
+                raise ConfigError(f"text_field: '{self.cfg.text_field}' is {type(text).__name__}, not a string")
+            return text
+        return None
+
+    def next_text(self) -> Optional[str]:
+        while True:
+            text: Optional[str] = None
+            if self.shuffle_buffer <= 0:
+                text = self._pull()
+            else:
+                while not self._exhausted and len(self._buffer) < self.shuffle_buffer:
+                    pulled = self._pull()
+                    if pulled is None:
+                        self._exhausted = True
+                    else:
+                        self._buffer.append(pulled)
+                if self._buffer:
+                    i = self._rng.randrange(len(self._buffer))
+                    self._buffer[i], self._buffer[-1] = self._buffer[-1], self._buffer[i]
+                    text = self._buffer.pop()
+            if text is not None:
+                self.docs_in_epoch += 1
+                return text
+            # end of epoch
+            if self.docs_in_epoch == 0:
+                raise ConfigError(
+                    f"data config '{self.cfg.name}': the {self.split} split has no documents for rank "
+                    f"{self.rank} of {self.world_size} (empty files, everything filtered, or more ranks than documents)"
+                )
+            if not self.repeat:
+                return None
+            self.epoch += 1
+            self.docs_in_epoch = 0
+            self._iterator = None
+            self._hf_state = None
+            self._exhausted = False
+            self._rng = self._new_rng()
+            log.info("data '%s' rank %d: starting epoch %d", self.cfg.name, self.rank, self.epoch)
+
+    def state_dict(self) -> Dict[str, Any]:
+        version, internal, gauss = self._rng.getstate()
+        return {
+            "epoch": self.epoch,
+            "docs_in_epoch": self.docs_in_epoch,
+            "hf_state": copy.deepcopy(self._hf_state),
+            "exhausted": self._exhausted,
+            "shuffle_buffer": list(self._buffer),
+            "rng_state": [version, list(internal), gauss],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.docs_in_epoch = int(state["docs_in_epoch"])
+        self._hf_state = copy.deepcopy(state["hf_state"])
+        self._exhausted = bool(state["exhausted"])
+        self._buffer = list(state["shuffle_buffer"])
+        version, internal, gauss = state["rng_state"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._iterator = None  # reopened lazily at the loaded position
+
+
+# ------------------------------------------------------------------------------------------------
+# Training stream
+# ------------------------------------------------------------------------------------------------
+class PackedStream:
+    """Endless iterator of training batches for one rank, resumable token-exactly.
+
+    Each batch is a dict of LongTensors [batch_size, seq_len]: ``input_ids``, ``labels``
+    (= inputs shifted by one), ``position_ids`` (restart at 0 on each document's EOS).
+
+    ``state_dict()`` describes the position *after the last batch returned*; a fresh stream
+    with ``load_state_dict(state)`` continues with the next unseen token.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: Optional["PreTrainedTokenizerBase"] = None,
+                 batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
+        cfg.validate()
+        if not _is_positive_int(batch_size):
+            raise ConfigError(f"batch_size must be a positive integer; got batch_size={batch_size!r}")
+        if not (_is_positive_int(world_size) and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ConfigError(f"rank/world_size: need 0 <= rank < world_size; got rank={rank!r}, world_size={world_size!r}")
+        self.cfg = cfg
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        self._source = DocumentSource(cfg, "train", rank, world_size, repeat=True, shuffle_buffer=cfg.shuffle_buffer)
+        self._packer = TokenPacker(cfg.seq_len, self.eos_id)
+        self.rows_emitted = 0
+        self.docs_consumed = 0
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the most recently read document (0-based)."""
+        return self._source.epoch
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.cfg.seq_len
+
+    def next_row(self) -> Row:
+        while not self._packer.has_row():
+            text = self._source.next_text()
+            assert text is not None  # repeat=True never ends
+            self._packer.add_document(encode_document(self.tokenizer, text))
+            self.docs_consumed += 1
+        self.rows_emitted += 1
+        return self._packer.pop_row()
+
+    def __iter__(self) -> "PackedStream":
+        return self
+
+    def __next__(self) -> Batch:
+        return collate_rows([self.next_row() for _ in range(self.batch_size)])
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "name": self.cfg.name,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "rows_emitted": self.rows_emitted,
+            "docs_consumed": self.docs_consumed,
+            "source": self._source.state_dict(),
+            "packer": self._packer.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"data state: version {state.get('version')!r} != {STATE_VERSION}")
+        for key, mine in (("name", self.cfg.name), ("rank", self.rank), ("world_size", self.world_size)):
+            if state.get(key) != mine:
+                raise ConfigError(
+                    f"data state: saved {key}={state.get(key)!r} but this stream has {key}={mine!r} "
+                    "(exact resume needs the same dataset, rank and world size)"
+                )
+        self._source.load_state_dict(state["source"])
+        self._packer.load_state_dict(state["packer"])
+        self.rows_emitted = int(state["rows_emitted"])
+        self.docs_consumed = int(state["docs_consumed"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+def pack_validation_rows(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> List[Row]:
+    """All packed rows of the validation split (same packing as training, single pass, file
+    order, no sharding), capped at ``cfg.validation_rows``. The tail that does not fill a row
+    is dropped."""
+    cfg.validate()
+    source = DocumentSource(cfg, "validation", rank=0, world_size=1, repeat=False, shuffle_buffer=0)
+    packer = TokenPacker(cfg.seq_len, int(tokenizer.eos_token_id))
+    rows: List[Row] = []
+    cap = cfg.validation_rows
+    while cap is None or len(rows) < cap:
+        if packer.has_row():
+            rows.append(packer.pop_row())
+            continue
+        text = source.next_text()
+        if text is None:
+            break
+        packer.add_document(encode_document(tokenizer, text))
+    return rows
+
+
+def validation_batches(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase", batch_size: int,
+                       rank: int = 0, world_size: int = 1) -> List[Batch]:
+    """Deterministic, finite list of validation batches for ``rank``.
+
+    The rows of :func:`pack_validation_rows` are truncated to a multiple of ``world_size`` and dealt
+    out round-robin (row i goes to rank i % world_size), so every rank gets the same number of
+    rows. The last batch may be smaller than ``batch_size``."""
+    if not _is_positive_int(batch_size):
+        raise ConfigError(f"batch_size must be a positive integer; got batch_size={batch_size!r}")
+    if not (_is_positive_int(world_size) and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ConfigError(f"rank/world_size: need 0 <= rank < world_size; got rank={rank!r}, world_size={world_size!r}")
+    rows = pack_validation_rows(cfg, tokenizer)
+    usable = len(rows) - len(rows) % world_size
+    if usable == 0:
+        raise ConfigError(
+            f"data config '{cfg.name}': the validation split gives {len(rows)} rows of seq_len+1={cfg.seq_len + 1} "
+            f"tokens, fewer than world_size={world_size}"
+        )
+    mine = rows[rank:usable:world_size]
+    return [collate_rows(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]

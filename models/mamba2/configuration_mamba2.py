@@ -1,0 +1,51 @@
+"""Configuration of the Mamba2 baseline: transformers' ``Mamba2Config`` with the paper's defaults.
+
+The saved ``config.json`` has ``model_type: mamba2``, so an export loads with plain transformers as
+``Mamba2ForCausalLM``. Differences from ``Mamba2Config``'s defaults, and why:
+
+* ``n_groups=1`` (mamba-ssm's default; HF's 8 comes from Codestral). Only with one group do the
+  parameter counts reproduce the paper's (2.83B and 6.96B exactly), and with one group HF's gated
+  RMSNorm (over the whole inner width) is the same function as mamba-ssm's grouped one.
+* ``num_heads`` may be left out: it is ``expand · hidden_size / head_dim``.
+* ``use_cache=False``: a plain forward (training, validation) then takes the path that resets at
+  document boundaries; ``generate()`` still turns the cache on through its generation config.
+* ``tie_word_embeddings=False`` (the paper's models are untied), GPT-2 ``<|endoftext|>`` ids (50256)
+  like the ParaRNN config.
+
+One field is ours (plain transformers keeps it as an unused attribute): ``use_triton`` (None = the
+Triton SSD kernels when the activations are on a CUDA device, torch otherwise; True/False force a path).
+"""
+from huggingface_hub.dataclasses import strict
+from transformers import Mamba2Config
+
+
+@strict  # re-derive the field validators from this class's annotations (num_heads may be None here)
+class Mamba2DocConfig(Mamba2Config):
+    """``Mamba2Config`` for ParaRNN-LM's Mamba2 baseline (see the module docstring for the changed defaults)."""
+
+    num_heads: int | None = None
+    head_dim: int = 64
+    vocab_size: int = 50304
+    hidden_size: int = 1024
+    state_size: int = 128
+    num_hidden_layers: int = 48
+    n_groups: int = 1
+    chunk_size: int = 256
+    use_cache: bool = False
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 50256
+    eos_token_id: int | list[int] | None = 50256
+    use_triton: bool | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_heads is None:
+            if (self.expand * self.hidden_size) % self.head_dim:
+                raise ValueError(f"Mamba2DocConfig: expand·hidden_size={self.expand * self.hidden_size} is not "
+                                 f"a multiple of head_dim={self.head_dim}")
+            self.num_heads = self.expand * self.hidden_size // self.head_dim
+        if self.num_heads % self.n_groups:
+            raise ValueError(f"Mamba2DocConfig: num_heads={self.num_heads} is not a multiple of "
+                             f"n_groups={self.n_groups}")
+        super().__post_init__(**kwargs)
+

@@ -1,0 +1,202 @@
+"""Mamba2 baseline: transformers' Mamba2 with document resets and Triton SSD kernels on GPU.
+
+What is special here, compared with ``transformers.Mamba2ForCausalLM``:
+
+* **Document resets.** ``forward(input_ids, position_ids)`` turns packed ``position_ids`` (restarting
+  at 0 at each document) into ``seq_idx`` (document ids). In every layer the causal conv gives zero
+  weight to taps from the previous document and the SSD scan restarts the state from zero, so no
+  information crosses a boundary (``ssd_torch`` documents the masks). HF's torch path cannot do this.
+* **Two scan back-ends, one function.** On CUDA the chunked scan runs mamba-ssm's Triton SSD kernels
+  (vendored in ``ssd/``, no CUDA build step); elsewhere a pure-torch chunked SSD (``ssd_torch``).
+  ``config.use_triton`` forces either one.
+* **Same parameters, same function.** Module and parameter names are HF's (``backbone.layers.N.mixer
+  .in_proj`` ...), the block is HF's (RMSNorm, mixer, fp32 residual), HF's default initialisation is
+  kept (the paper trained "the HuggingFace implementation with default init"), and for a single
+  document the output equals HF's torch path. ``save_pretrained`` writes ``architectures:
+  ["Mamba2ForCausalLM"]`` so exports load with plain transformers.
+* With a cache (``generate()``) or a padding ``attention_mask`` the mixer defers to HF's own code,
+  which knows nothing of documents; packed rows are refused there.
+* Logits are returned in the head's dtype (HF upcasts them to fp32, which at seq 2048 × 50k vocab
+  costs GBs per batch); the training loss upcasts where it needs to.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Mamba2ForCausalLM
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.mamba2.modeling_mamba2 import (
+    Mamba2CausalLMOutput,
+    Mamba2Mixer,
+    Mamba2Output,
+    Mamba2PreTrainedModel,
+    Mamba2RMSNorm,
+)
+
+from .configuration_mamba2 import Mamba2DocConfig
+from .ssd_torch import causal_conv1d, seq_idx_from_position_ids, ssd_chunked
+
+EXPORT_ARCHITECTURE = "Mamba2ForCausalLM"
+
+
+class Mamba2DocMixer(Mamba2Mixer):
+    """HF's ``Mamba2Mixer`` (same parameters and init) with a training/eval forward that takes ``seq_idx``."""
+
+    def __init__(self, config: Mamba2DocConfig, layer_idx: int, initialize_mixer_weights: bool = True):
+        super().__init__(config, layer_idx=layer_idx, initialize_mixer_weights=initialize_mixer_weights)
+        self.use_triton = getattr(config, "use_triton", None)
+
+    def forward(self, hidden_states: torch.Tensor, cache_params: Optional[Cache] = None,
+                attention_mask: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None, **kwargs):
+        if cache_params is not None or attention_mask is not None:
+            if seq_idx is not None:
+                raise ValueError("Mamba2: packed rows (document resets) are not supported together with a cache "
+                                 "or a padding attention_mask")
+            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+
+        batch, length, _ = hidden_states.shape
+        dtype = hidden_states.dtype
+        groups_state = self.n_groups * self.ssm_state_size
+        gate, xBC, dt = self.in_proj(hidden_states).split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        # As HF: conv and activation in the conv weight's dtype, result back in the activations' dtype.
+        xBC = self.act(causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx)).to(dtype)
+        x, B, C = xBC.split([self.intermediate_size, groups_state, groups_state], dim=-1)
+        x = x.reshape(batch, length, self.num_heads, self.head_dim)
+        B = B.reshape(batch, length, self.n_groups, self.ssm_state_size)
+        C = C.reshape(batch, length, self.n_groups, self.ssm_state_size)
+        A = -torch.exp(self.A_log.float())
+
+        use_triton = self.use_triton if self.use_triton is not None else x.is_cuda
+        if use_triton:
+            from .ssd import mamba_chunk_scan_combined  # imports triton; only on this path
+
+            y = mamba_chunk_scan_combined(
+                x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                seq_idx=seq_idx, dt_limit=tuple(self.time_step_limit))
+        else:
+            dt = F.softplus(dt + self.dt_bias.to(dt.dtype))
+            dt = torch.clamp(dt, self.time_step_limit[0], self.time_step_limit[1])
+            y = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, seq_idx=seq_idx)
+        y = self.norm(y.reshape(batch, length, -1), gate)  # gated RMSNorm over the whole inner width
+        return self.out_proj(y.to(dtype))
+
+
+class Mamba2DocBlock(GradientCheckpointingLayer):
+    """HF's ``Mamba2Block`` (pre-RMSNorm, mixer, residual kept in fp32) passing ``seq_idx`` through."""
+
+    def __init__(self, config: Mamba2DocConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = Mamba2DocMixer(config, layer_idx=layer_idx, initialize_mixer_weights=False)
+
+    def forward(self, hidden_states, cache_params: Optional[Cache] = None,
+                attention_mask: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None, **kwargs):
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.to(torch.float32)
+        hidden_states = self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask,
+                                   seq_idx=seq_idx, **kwargs)
+        return residual + hidden_states
+
+
+class Mamba2DocModel(Mamba2PreTrainedModel):
+    """HF's ``Mamba2Model`` layout (``embeddings``, ``layers``, ``norm_f``) with ``seq_idx`` support."""
+
+    config_class = Mamba2DocConfig
+    config: Mamba2DocConfig
+
+    def __init__(self, config: Mamba2DocConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([Mamba2DocBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+        self.norm_f = Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings = new_embeddings
+
+    def forward(self, input_ids: Optional[torch.LongTensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
+                cache_params: Optional[Cache] = None, use_cache: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
+                attention_mask: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None,
+                **kwargs) -> Mamba2Output:
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings(input_ids)
+        if use_cache and cache_params is None:
+            cache_params = DynamicCache(config=self.config)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: keep the document-aware path
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.layers:
+            hidden_states = block(hidden_states, cache_params=cache_params, attention_mask=attention_mask,
+                                  seq_idx=seq_idx, **kwargs)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return Mamba2Output(last_hidden_state=hidden_states, cache_params=cache_params if use_cache else None,
+                            hidden_states=all_hidden_states)
+
+
+class Mamba2DocForCausalLM(Mamba2ForCausalLM):
+    """Causal LM on ``Mamba2DocModel``; ``forward(input_ids, position_ids)`` resets at document starts.
+
+    Subclasses HF's ``Mamba2ForCausalLM`` for its generation plumbing; ``__init__`` builds our
+    backbone instead of HF's (same names, so the state dict is HF's).
+    """
+
+    config_class = Mamba2DocConfig
+    config: Mamba2DocConfig
+
+    def __init__(self, config: Mamba2DocConfig):
+        Mamba2PreTrainedModel.__init__(self, config)  # skip HF's __init__: it would build HF's backbone
+        self.backbone = Mamba2DocModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids: Optional[torch.LongTensor] = None, position_ids: Optional[torch.LongTensor] = None,
+                inputs_embeds: Optional[torch.Tensor] = None, cache_params: Optional[Cache] = None,
+                labels: Optional[torch.LongTensor] = None, output_hidden_states: Optional[bool] = None,
+                return_dict: Optional[bool] = None, use_cache: Optional[bool] = None,
+                attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs) -> Mamba2CausalLMOutput:
+        seq_idx = seq_idx_from_position_ids(position_ids)
+        out = self.backbone(input_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, use_cache=use_cache,
+                            output_hidden_states=output_hidden_states, attention_mask=attention_mask,
+                            seq_idx=seq_idx)
+        hidden_states = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :].to(self.lm_head.weight.dtype))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return Mamba2CausalLMOutput(loss=loss, logits=logits, cache_params=out.cache_params,
+                                    hidden_states=out.hidden_states)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As HF's, but ``config.json`` names HF's class, so the export needs no code of ours."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.architectures = [EXPORT_ARCHITECTURE]
+        if kwargs.get("is_main_process", True):
+            self.config.save_pretrained(save_directory)

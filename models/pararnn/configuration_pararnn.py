@@ -1,0 +1,58 @@
+"""Configuration of the ParaRNN language model (shipped with exported checkpoints)."""
+import math
+from typing import Optional
+
+from transformers import PretrainedConfig
+
+CELLS = ("gru", "lstm")
+MODES = ("auto", "sequential", "parallel", "triton")
+
+
+class ParaRNNConfig(PretrainedConfig):
+    """A DCLM-style decoder whose attention is replaced by a ParaGRU or ParaLSTM block (spec §5.1).
+
+    Args:
+        cell: ``"gru"`` (ParaGRU) or ``"lstm"`` (ParaLSTM).
+        hidden_size: d_model; the cell's input and state width.
+        num_hidden_layers: number of (RNN block, MLP block) pairs.
+        num_heads: heads of the cell's block-diagonal input map (the paper: 4, or 2 at 2.9B).
+        intermediate_size: SwiGLU hidden width; None gives 256·ceil(8d/3/256).
+        conv_kernel: width of the causal depthwise conv before the cell.
+        newton_iters: Newton iterations of the parallel cell application.
+        mode: ``"auto"`` (Triton on CUDA, else the torch parallel mode), or a cell mode.
+        clip: bound on |a| and |c| (diagonal recurrent weights); None disables it.
+        cell_init: ``"paper"`` or ``"reference"`` (see ``ParaRNNCell``).
+        vocab_size: padded vocabulary (embeddings are untied).
+    """
+
+    model_type = "pararnn"
+
+    def __init__(self, cell: str = "gru", vocab_size: int = 50304, hidden_size: int = 1024,
+                 num_hidden_layers: int = 24, num_heads: int = 4, intermediate_size: Optional[int] = None,
+                 conv_kernel: int = 4, newton_iters: int = 3, mode: str = "auto", clip: Optional[float] = 0.5,
+                 cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float = 0.02,
+                 bos_token_id: int = 50256, eos_token_id: int = 50256, tie_word_embeddings: bool = False,
+                 **kwargs):
+        if cell not in CELLS:
+            raise ValueError(f"ParaRNNConfig: cell={cell!r} is not one of {', '.join(CELLS)}")
+        if mode not in MODES:
+            raise ValueError(f"ParaRNNConfig: mode={mode!r} is not one of {', '.join(MODES)}")
+        if hidden_size % num_heads:
+            raise ValueError(f"ParaRNNConfig: hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+        if tie_word_embeddings:
+            raise ValueError("ParaRNNConfig: tie_word_embeddings must be False (the paper's models are untied)")
+        self.cell = cell
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_heads = num_heads
+        self.intermediate_size = intermediate_size or 256 * math.ceil(8 * hidden_size / 3 / 256)
+        self.conv_kernel = conv_kernel
+        self.newton_iters = newton_iters
+        self.mode = mode
+        self.clip = clip
+        self.cell_init = cell_init
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -1,0 +1,355 @@
+"""Tests of the data pipeline (data/pipeline.py, data/packing.py, data/stats.py).
+
+Every expected value is computed independently of the code under test: token ids come from the
+bare `tokenizers` library reading data/tokenizer/gpt2/tokenizer.json (not from transformers),
+documents are read with gzip/json, and the packed stream is rebuilt by hand as
+`[EOS] + ids(doc)` per document. Small jsonl fixtures keep the file fast; the embedded SOTU
+corpus is used only where the real file matters.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from data.pipeline import (
+    REPO_ROOT,
+    ConfigError,
+    DataConfig,
+    PackedStream,
+    load_dataset_call,
+    load_tokenizer,
+    validation_batches,
+)
+from data.stats import token_byte_lengths, unigram_perplexity
+
+TOKENIZER_DIR = REPO_ROOT / "data" / "tokenizer" / "gpt2"
+EOS = 50256
+SEQ = 16
+
+
+# ------------------------------------------------------------------------------------------------
+# independent reference
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ref_tok() -> Tokenizer:
+    tk = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    tk.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is plain text
+    return tk
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    return load_tokenizer(str(TOKENIZER_DIR))
+
+
+def ref_ids(ref_tok: Tokenizer, text: str) -> List[int]:
+    return ref_tok.encode(text, add_special_tokens=False).ids
+
+
+def ref_stream(ref_tok: Tokenizer, texts: Sequence[str]) -> Tuple[List[int], List[int]]:
+    """Token stream and position ids of one pass: [EOS] + ids(doc) per non-empty document."""
+    tokens: List[int] = []
+    positions: List[int] = []
+    for text in texts:
+        if not text:
+            continue
+        ids = [EOS] + ref_ids(ref_tok, text)
+        tokens += ids
+        positions += list(range(len(ids)))
+    return tokens, positions
+
+
+WORDS = ("the union is strong and congress shall make no law respecting liberty commerce treaty "
+         "naïve café 日本 🙂 <|endoftext|> revenue navy").split()
+
+
+def make_docs(n: int, prefix: str = "doc") -> List[Dict[str, object]]:
+    """Documents of varied length (a few tokens up to ~5 rows), each starting with a unique tag."""
+    docs = []
+    for i in range(n):
+        length = [3, 40, 7, 1, 22, 70, 12, 5][i % 8]
+        body = " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(length))
+        docs.append({"id": f"{prefix}-{i}", "text": f"[{prefix} {i}] {body}."})
+    return docs
+
+
+def write_jsonl(path: Path, rows: Sequence[Dict[str, object]]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def fixture_config(tmp_path: Path, train_docs, val_docs=None, n_files: int = 1, **kw) -> DataConfig:
+    """Train docs split round-robin-free into `n_files` consecutive files."""
+    per = math.ceil(len(train_docs) / n_files)
+    files = [write_jsonl(tmp_path / f"train-{k:02d}.jsonl", train_docs[k * per:(k + 1) * per]) for k in range(n_files)]
+    val = write_jsonl(tmp_path / "val.jsonl.gz", val_docs if val_docs is not None else make_docs(9, "val"))
+    return DataConfig(name="fixture", format="json", train_files=files, validation_files=[val],
+                      tokenizer=str(TOKENIZER_DIR), seq_len=kw.pop("seq_len", SEQ), **kw)
+
+
+def take_rows(stream: PackedStream, n_batches: int) -> Tuple[List[List[int]], List[List[int]], List[List[int]]]:
+    """(input rows, label rows, position rows) of `n_batches` batches, checking dtypes and shapes."""
+    inputs, labels, positions = [], [], []
+    for _ in range(n_batches):
+        batch = next(stream)
+        for key in ("input_ids", "labels", "position_ids"):
+            assert batch[key].dtype == torch.long and batch[key].shape == (stream.batch_size, stream.cfg.seq_len)
+        inputs += batch["input_ids"].tolist()
+        labels += batch["labels"].tolist()
+        positions += batch["position_ids"].tolist()
+    return inputs, labels, positions
+
+
+def unpack(inputs: List[List[int]], labels: List[List[int]]) -> List[int]:
+    """Token stream from rows, dropping the one-token overlaps (asserting that they overlap)."""
+    stream = list(inputs[0]) + [labels[0][-1]]
+    for k in range(1, len(inputs)):
+        assert inputs[k][0] == labels[k - 1][-1], f"row {k} does not start with row {k - 1}'s last token"
+        stream += labels[k]
+    return stream
+
+
+def split_docs(tokens: List[int]) -> List[List[int]]:
+    """Complete documents (EOS ... up to the next EOS) of a token stream; a trailing partial one is dropped."""
+    starts = [i for i, t in enumerate(tokens) if t == EOS]
+    return [tokens[a + 1:b] for a, b in zip(starts, starts[1:])]
+
+
+# ------------------------------------------------------------------------------------------------
+# packing
+# ------------------------------------------------------------------------------------------------
+def test_packing_matches_reference_over_three_epochs(tmp_path, ref_tok, hf_tok):
+    docs = make_docs(13) + [{"id": "empty", "text": ""}]
+    cfg = fixture_config(tmp_path, docs)
+    ref_tokens, ref_pos = ref_stream(ref_tok, [d["text"] for d in docs])
+    epochs = 3
+    ref_tokens, ref_pos = ref_tokens * epochs, ref_pos * epochs
+    n_rows = (len(ref_tokens) - 1) // SEQ
+    batch = 3
+    stream = PackedStream(cfg, hf_tok, batch_size=batch)
+    inputs, labels, positions = take_rows(stream, n_rows // batch)
+    assert stream.epoch == epochs - 1
+
+    assert unpack(inputs, labels) == ref_tokens[: len(inputs) * SEQ + 1]
+    for k, (inp, lab, pos) in enumerate(zip(inputs, labels, positions)):
+        assert inp == ref_tokens[k * SEQ:(k + 1) * SEQ]
+        assert lab == ref_tokens[k * SEQ + 1:(k + 1) * SEQ + 1]  # labels = inputs shifted by one
+        assert lab[:-1] == inp[1:]
+        assert pos == ref_pos[k * SEQ:(k + 1) * SEQ]
+        assert [p == 0 for p in pos] == [t == EOS for t in inp]  # positions restart exactly at EOS
+    # a long document continues across rows and keeps counting
+    assert max(max(p) for p in positions) > 2 * SEQ
+    # the literal "<|endoftext|>" inside documents did not become an EOS id
+    assert sum(t == EOS for t in ref_tokens) == epochs * 13
+
+
+def test_exclude_filter_drops_documents(tmp_path, ref_tok, hf_tok):
+    docs = make_docs(10)
+    for i, d in enumerate(docs):
+        d["meta"] = {"set_name": "RedPajamaBookSub" if i % 3 == 0 else "RedPajamaC4"}
+    cfg = fixture_config(tmp_path, docs, exclude_field="meta.set_name", exclude_values=["RedPajamaBookSub"])
+    kept = [d["text"] for i, d in enumerate(docs) if i % 3 != 0]
+    ref_tokens, _ = ref_stream(ref_tok, kept)
+    inputs, labels, _ = take_rows(PackedStream(cfg, hf_tok, batch_size=1), (len(ref_tokens) - 1) // SEQ)
+    assert unpack(inputs, labels) == ref_tokens[: len(inputs) * SEQ + 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# resume
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shuffle_buffer", [0, 4])
+def test_resume_is_token_exact_across_epochs(tmp_path, ref_tok, hf_tok, shuffle_buffer):
+    docs = make_docs(11)
+    cfg = fixture_config(tmp_path, docs, n_files=2, shuffle_buffer=shuffle_buffer, seed=3)
+    epoch_tokens = len(ref_stream(ref_tok, [d["text"] for d in docs])[0])
+    batch = 2
+    total = (3 * epoch_tokens) // (SEQ * batch)  # about three epochs
+    boundary = epoch_tokens // (SEQ * batch)  # the batch in which epoch 1 starts
+    full = PackedStream(cfg, hf_tok, batch_size=batch)
+    want_in, want_lab, want_pos = take_rows(full, total)
+    want = unpack(want_in, want_lab)
+
+    if shuffle_buffer == 0:  # file order: the uninterrupted stream itself equals the reference
+        ref_tokens, _ = ref_stream(ref_tok, [d["text"] for d in docs] * 3)
+        assert want == ref_tokens[: len(want)]
+    else:  # each epoch is a permutation of the documents, not the file order
+        doc_ids = [ref_ids(ref_tok, d["text"]) for d in docs]
+        seen = split_docs(want)[: 2 * len(docs)]
+        for e in range(2):
+            epoch_docs = seen[e * len(docs):(e + 1) * len(docs)]
+            assert sorted(epoch_docs) == sorted(doc_ids)
+            assert epoch_docs != doc_ids
+
+    for k in (1, boundary, boundary + 1, 2 * boundary + 1):
+        first = PackedStream(cfg, hf_tok, batch_size=batch)
+        got_in, got_lab, got_pos = take_rows(first, k)
+        state = first.state_dict()
+        saved = json.dumps(state)
+        take_rows(first, 2)  # keep going: the saved state must not change underneath
+        assert json.dumps(state) == saved
+        resumed = PackedStream(cfg, hf_tok, batch_size=batch)
+        resumed.load_state_dict(json.loads(saved))
+        more_in, more_lab, more_pos = take_rows(resumed, total - k)
+        assert unpack(got_in + more_in, got_lab + more_lab) == want, f"resume after {k} batches"
+        assert got_pos + more_pos == want_pos
+
+
+def test_resume_rejects_other_world_size(tmp_path, hf_tok):
+    cfg = fixture_config(tmp_path, make_docs(6), n_files=2)
+    s = PackedStream(cfg, hf_tok, batch_size=1, rank=0, world_size=2)
+    next(s)
+    other = PackedStream(cfg, hf_tok, batch_size=1, rank=0, world_size=1)
+    with pytest.raises(ConfigError, match="world_size"):
+        other.load_state_dict(s.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# sharding
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_files", [1, 2, 3])
+def test_two_ranks_cover_every_document_once(tmp_path, ref_tok, hf_tok, n_files):
+    docs = make_docs(15)
+    cfg = fixture_config(tmp_path, docs, n_files=n_files)
+    all_ids = [ref_ids(ref_tok, d["text"]) for d in docs]
+    total_tokens = len(ref_stream(ref_tok, [d["text"] for d in docs])[0])
+    per_rank: List[List[str]] = []
+    for rank in range(2):
+        stream = PackedStream(cfg, hf_tok, batch_size=1, rank=rank, world_size=2)
+        inputs, labels, _ = take_rows(stream, total_tokens // SEQ + 8)  # > one epoch of this rank
+        rank_docs = split_docs(unpack(inputs, labels))
+        first_epoch = rank_docs[: next(i for i in range(1, len(rank_docs)) if rank_docs[i] in rank_docs[:i])]
+        assert len(set(map(tuple, first_epoch))) == len(first_epoch)
+        per_rank.append([ref_tok.decode(d) for d in first_epoch])
+    texts = [d["text"] for d in docs]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(texts)  # together: every document exactly once
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert all(len(r) >= 4 for r in per_rank)
+    assert sorted(all_ids) == sorted(ref_ids(ref_tok, t) for t in per_rank[0] + per_rank[1])
+
+
+def test_sotu_two_ranks_start_with_their_documents(monkeypatch, tmp_path, ref_tok, hf_tok):
+    """The embedded corpus, default config (relative paths, from another cwd): one file, so the
+    ranks take every other speech; each rank's first row is its first speech."""
+    monkeypatch.chdir(tmp_path)
+    cfg = DataConfig(seq_len=64)
+    with gzip.open(REPO_ROOT / "data" / "sotu" / "train.jsonl.gz", "rt", encoding="utf-8") as f:
+        speeches = [json.loads(next(f)) for _ in range(2)]
+    for rank in range(2):
+        inputs, labels, positions = take_rows(PackedStream(cfg, hf_tok, batch_size=2, rank=rank, world_size=2), 1)
+        expected = [EOS] + ref_ids(ref_tok, speeches[rank]["text"])
+        assert unpack(inputs, labels) == expected[: 2 * 64 + 1]
+        assert positions[1] == list(range(64, 128))
+
+
+# ------------------------------------------------------------------------------------------------
+# validation data
+# ------------------------------------------------------------------------------------------------
+def test_validation_batches_match_reference_and_split_across_ranks(tmp_path, ref_tok, hf_tok):
+    val_docs = make_docs(9, "val")
+    cfg = fixture_config(tmp_path, make_docs(4), val_docs, validation_rows=7)
+    ref_tokens, ref_pos = ref_stream(ref_tok, [d["text"] for d in val_docs])
+    assert (len(ref_tokens) - 1) // SEQ > 7  # the cap applies
+
+    def rows_of(batches):
+        return ([r for b in batches for r in b["input_ids"].tolist()], [r for b in batches for r in b["labels"].tolist()],
+                [r for b in batches for r in b["position_ids"].tolist()])
+
+    one = validation_batches(cfg, hf_tok, batch_size=3, rank=0, world_size=1)
+    assert [b["input_ids"].shape[0] for b in one] == [3, 3, 1]
+    inputs, labels, positions = rows_of(one)
+    assert unpack(inputs, labels) == ref_tokens[: 7 * SEQ + 1]
+    assert positions == [ref_pos[k * SEQ:(k + 1) * SEQ] for k in range(7)]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(one, validation_batches(cfg, hf_tok, 3)) for k in a)
+
+    # 2 ranks: 7 rows -> 6 usable, dealt round-robin; same number of rows on each rank
+    for rank in range(2):
+        inputs, labels, _ = rows_of(validation_batches(cfg, hf_tok, batch_size=2, rank=rank, world_size=2))
+        assert inputs == [ref_tokens[k * SEQ:(k + 1) * SEQ] for k in range(rank, 6, 2)]
+        assert labels == [ref_tokens[k * SEQ + 1:(k + 1) * SEQ + 1] for k in range(rank, 6, 2)]
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+def test_missing_file_names_the_file(tmp_path, hf_tok):
+    cfg = fixture_config(tmp_path, make_docs(3))
+    cfg.train_files = cfg.train_files + [str(tmp_path / "no_such_shard.jsonl")]
+    with pytest.raises(ConfigError) as err:
+        PackedStream(cfg, hf_tok, batch_size=1)
+    msg = str(err.value)
+    assert "no_such_shard.jsonl" in msg and "train_files" in msg and "\n" not in msg
+
+    cfg = fixture_config(tmp_path, make_docs(3))
+    cfg.validation_files = ["nowhere/val-*.jsonl.gz"]  # relative glob, resolved against the repo root
+    with pytest.raises(ConfigError, match=r"validation_files: glob 'nowhere/val-\*\.jsonl\.gz' matches no file"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("key,value", [("seq_len", 0), ("seq_len", -5), ("format", "csv"), ("shuffle_buffer", -1)])
+def test_bad_values_name_the_key(tmp_path, key, value):
+    cfg = fixture_config(tmp_path, make_docs(3))
+    setattr(cfg, key, value)
+    with pytest.raises(ConfigError) as err:
+        PackedStream(cfg, tokenizer=None, batch_size=1)  # fails before the tokenizer is loaded
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_key_and_missing_text_field(tmp_path, hf_tok):
+    with pytest.raises(ConfigError, match="unknown key 'seqlen'"):
+        DataConfig.from_dict({"name": "x", "seqlen": 8})
+    cfg = fixture_config(tmp_path, make_docs(3), text_field="content")
+    with pytest.raises(ConfigError, match="text_field: field 'content' not found"):
+        next(PackedStream(cfg, hf_tok, batch_size=1))
+
+
+def test_hub_call_is_built_offline():
+    cfg = DataConfig.from_dict({
+        "name": "slimpajama", "format": "hub", "hub_path": "DKYoon/SlimPajama-6B", "train_split": "train",
+        "validation_split": "validation", "validation_rows": 512,
+        "exclude_field": "meta.redpajama_set_name", "exclude_values": "RedPajamaBookSub",
+    }).validate()
+    assert cfg.exclude_values == ["RedPajamaBookSub"]
+    assert load_dataset_call(cfg, "train") == (("DKYoon/SlimPajama-6B", None), {"split": "train", "streaming": True})
+    assert load_dataset_call(cfg, "validation")[1]["split"] == "validation"
+    with pytest.raises(ConfigError, match="validation_rows"):
+        DataConfig(format="hub", hub_path="x/y").validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics
+# ------------------------------------------------------------------------------------------------
+def test_token_byte_lengths_sum_to_utf8_length(ref_tok, hf_tok):
+    lengths = token_byte_lengths(hf_tok)
+    assert lengths.dtype == torch.long and lengths.shape == (50257,)
+    assert lengths[EOS] == 0 and bool((lengths[:EOS] >= 1).all())
+    texts = [
+        "Hello world", "naïve café — déjà vu", "日本語のテキストです。", "emoji 🙂👍🏽 family 👩‍👩‍👧",
+        "tabs\tand\nnewlines  \n", "Ελληνικά и русский текст", "a literal <|endoftext|> in text", " ̈combining",
+    ]
+    for text in texts:
+        ids = ref_ids(ref_tok, text)
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8")), text
+        assert int(lengths[[EOS] + ids + [EOS]].sum()) == len(text.encode("utf-8"))
+
+
+def test_unigram_perplexity_matches_hand_computation(tmp_path, ref_tok, hf_tok):
+    train_docs, val_docs = make_docs(6), make_docs(5, "val")
+    cfg = fixture_config(tmp_path, train_docs, val_docs)
+    train_tokens, _ = ref_stream(ref_tok, [d["text"] for d in train_docs])
+    val_tokens, _ = ref_stream(ref_tok, [d["text"] for d in val_docs])
+    targets = val_tokens[1: 1 + ((len(val_tokens) - 1) // SEQ) * SEQ]  # the labels of the validation rows
+    counts, n, v = Counter(train_tokens), len(train_tokens), 50257
+    expected = math.exp(-sum(math.log((counts[t] + 1) / (n + v)) for t in targets) / len(targets))
+    assert unigram_perplexity(cfg, hf_tok, "validation") == pytest.approx(expected, rel=1e-9)

@@ -1,0 +1,255 @@
+"""Pretrain a language model (ParaGRU, ParaLSTM, Mamba2 or Transformer) on streamed, packed text.
+
+    python train.py                                   # the default: a tiny ParaGRU on the embedded corpus
+    python train.py model=paralstm_tiny trainer.max_steps=50 run_dir=runs/lstm
+    accelerate launch --multi_gpu --num_processes 8 train.py model=paragru_1b data=slimpajama trainer=fsdp2
+
+Everything a run writes goes under ``run_dir``: the resolved config, ``metrics.jsonl``, checkpoints,
+the HF export (``hf/``) and ``summary.json``. Re-running with the same ``run_dir`` resumes from the
+newest complete checkpoint, exactly (same data, same RNG, same optimizer state).
+"""
+import math
+import os
+import sys
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from training.config import REPO_ROOT, ConfigError, ModelConfig, TrainerConfig, WandbConfig, check_trainer, to_dataclass
+
+CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_coef: float):
+    """Mean next-token cross-entropy and the z-loss ``z_coef · mean(logsumexp(logits)²)`` (PaLM/DCLM)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ce = -logp.gather(-1, labels.unsqueeze(-1)).mean()
+    # logsumexp recovered from any one column: one softmax pass serves both terms.
+    lse = logits[..., 0].float() - logp[..., 0]
+    return ce, z_coef * lse.square().mean()
+
+
+def make_accelerator(t: TrainerConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    use_cuda = torch.cuda.is_available() and t.device != "cpu"
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available")
+    precision = ("bf16" if use_cuda else "fp32") if t.precision == "auto" else t.precision
+    kwargs = {}
+    if not use_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # accelerate leaves the backend unset without CUDA; several CPU processes need gloo.
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    from training.distributed import strategy_plugins
+
+    return Accelerator(cpu=not use_cuda, mixed_precision="bf16" if precision == "bf16" else "no",
+                       gradient_accumulation_steps=t.grad_accum, **strategy_plugins(t), **kwargs)
+
+
+class Run:
+    """The resolved pieces of one training run (built and checked before any heavy work)."""
+
+    def __init__(self, cfg: DictConfig):
+        from data.pipeline import DataConfig
+
+        self.cfg = cfg
+        if not cfg.get("run_dir"):
+            raise ConfigError("run_dir must be set")
+        self.run_dir = os.path.abspath(str(cfg.run_dir))
+        self.model = to_dataclass(ModelConfig, cfg.model, "model")
+        self.trainer = to_dataclass(TrainerConfig, cfg.trainer, "trainer")
+        self.wandb = to_dataclass(WandbConfig, cfg.get("wandb"), "wandb")
+        self.data = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True)).validate()
+        self.lr = self.trainer.lr if self.trainer.lr is not None else self.model.lr
+        self.weight_decay = self.trainer.weight_decay if self.trainer.weight_decay is not None else self.model.weight_decay
+
+
+def build_model(run: Run, vocab_size: int):
+    from models.registry import build_config, build_model as build
+
+    try:
+        build_config(run.model.arch, run.model.config, vocab_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return build(run.model.arch, run.model.config, vocab_size)
+
+
+@torch.no_grad()
+def validate(accelerator, model, batches, byte_lengths) -> dict:
+    """Validation loss, perplexity and bits per byte over all ranks' shares of the validation rows."""
+    from eval.perplexity import perplexity_sums
+
+    model.eval()
+    sums = perplexity_sums(model, batches, byte_lengths, device=accelerator.device)
+    model.train()
+    total = accelerator.reduce(torch.tensor([sums["nll"], sums["tokens"], sums["bytes"]], dtype=torch.float64,
+                                            device=accelerator.device), reduction="sum")
+    nll, tokens, nbytes = total.tolist()
+    loss = nll / tokens
+    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": nll / (math.log(2) * nbytes) if nbytes else None,
+            "val_tokens": int(tokens)}
+
+
+class TrainState:
+    """Progress counters saved with every checkpoint (registered with accelerate as a custom object)."""
+
+    def __init__(self):
+        self.step, self.tokens, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0, 0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+def train(cfg: DictConfig) -> dict:
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    from data import PackedStream, load_tokenizer, token_byte_lengths, validation_batches
+    from eval.export import export_hf
+    from training.checkpoint import Checkpointer
+    from training.metrics import MetricsLogger
+    from training.optim import build_optimizer, build_scheduler
+
+    run = Run(cfg)
+    t = run.trainer
+    accelerator = make_accelerator(t)
+    check_trainer(t, accelerator.num_processes)
+    main = accelerator.is_main_process
+    micro_batch = t.batch_size // (t.grad_accum * accelerator.num_processes)
+    os.makedirs(run.run_dir, exist_ok=True)
+    if main:
+        OmegaConf.save(cfg, os.path.join(run.run_dir, "config.yaml"), resolve=True)
+    set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(run.data.tokenizer)
+    model = build_model(run, len(tokenizer))
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, run.lr, run.weight_decay, t.betas, t.eps)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+    stream = PackedStream(run.data, tokenizer, micro_batch, accelerator.process_index, accelerator.num_processes)
+    val_batches = validation_batches(run.data, tokenizer, micro_batch, accelerator.process_index,
+                                     accelerator.num_processes)[: t.val_batches]
+    byte_lengths = token_byte_lengths(tokenizer)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    checkpointer = Checkpointer(accelerator, os.path.join(run.run_dir, "checkpoints"), t.keep_last)
+    latest = checkpointer.latest()
+    if latest:
+        stream.load_state_dict(checkpointer.load(latest))
+        accelerator.print(f"resumed from {latest} (step {state.step}, {state.tokens:,} tokens)")
+    logger = MetricsLogger(run.run_dir, main, run.wandb, OmegaConf.to_container(cfg, resolve=True), state.step)
+    raw_model = accelerator.unwrap_model(model)
+    tracks_residual = hasattr(raw_model, "track_newton_residual")
+    tokens_per_step = t.batch_size * run.data.seq_len
+
+    progress = tqdm(total=t.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    model.train()
+    window_start, window_tokens = time.perf_counter(), 0
+    while state.step < t.max_steps:
+        log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
+        if tracks_residual:
+            raw_model.track_newton_residual(log_now)
+        ce_sum = torch.zeros((), device=accelerator.device)
+        z_sum = torch.zeros((), device=accelerator.device)
+        grad_norm = None
+        for _ in range(t.grad_accum):
+            batch = {k: v.to(accelerator.device) for k, v in next(stream).items()}
+            with accelerator.accumulate(model):
+                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+                ce, z = lm_loss(logits, batch["labels"], t.z_loss)
+                accelerator.backward(ce + z)
+                ce_sum += ce.detach()
+                z_sum += z.detach()
+                if accelerator.sync_gradients:
+                    loss = accelerator.reduce(ce_sum / t.grad_accum, reduction="mean")
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    if torch.isfinite(loss) and torch.isfinite(torch.as_tensor(grad_norm)):
+                        optimizer.step()
+                        state.nonfinite_in_row = 0
+                    else:
+                        state.nonfinite_in_row += 1
+                        state.nonfinite_total += 1
+                    optimizer.zero_grad(set_to_none=True)
+        if state.nonfinite_in_row >= t.max_nonfinite_steps:
+            raise RuntimeError(f"stopping: {state.nonfinite_in_row} non-finite losses in a row at step {state.step} "
+                               f"(lower the learning rate or check the data)")
+        scheduler.step()
+        state.step += 1
+        state.tokens += tokens_per_step
+        window_tokens += tokens_per_step
+        progress.update(1)
+
+        if log_now:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": state.step, "tokens": state.tokens, "loss": loss.item(),
+                      "z_loss": accelerator.reduce(z_sum / t.grad_accum, reduction="mean").item(),
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "tokens_per_s": window_tokens / elapsed, "nonfinite_steps": state.nonfinite_total}
+            residual = raw_model.newton_residual() if tracks_residual else None
+            if residual is not None:
+                record["newton_residual"] = accelerator.reduce(residual.float(), reduction="max").item()
+            logger.log(record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if state.step % t.val_every == 0 or state.step == t.max_steps:
+            metrics = validate(accelerator, model, val_batches, byte_lengths)
+            logger.log({"split": "validation", "step": state.step, "tokens": state.tokens, **metrics})
+            progress.write(f"step {state.step}: val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.2f}")
+        if state.step % t.ckpt_every == 0 or state.step == t.max_steps:
+            checkpointer.save(state.step, stream.state_dict())
+    progress.close()
+    if tracks_residual:
+        raw_model.track_newton_residual(False)
+
+    final = validate(accelerator, model, val_batches, byte_lengths)
+    summary = {"model": run.model.name, "arch": run.model.arch, "params": n_params, "step": state.step,
+               "tokens": state.tokens, **final, "run_dir": run.run_dir}
+    hf_dir = os.path.join(run.run_dir, "hf")
+    export_hf(accelerator, model, tokenizer, hf_dir)
+    if main:
+        summary["hf"] = hf_dir
+        summary["tokens_per_s"] = _mean_tokens_per_s(logger.path)
+        import json
+
+        with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    logger.close()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _mean_tokens_per_s(metrics_path: str):
+    import json
+
+    if not os.path.exists(metrics_path):
+        return None
+    with open(metrics_path) as f:
+        rates = [r["tokens_per_s"] for r in map(json.loads, f) if "tokens_per_s" in r]
+    return sum(rates) / len(rates) if rates else None
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if summary.get("hf"):
+        print(f"\nvalidation loss {summary['val_loss']:.4f}  perplexity {summary['val_ppl']:.2f}  "
+              f"bits/byte {summary['val_bpb']:.4f}  ({summary['tokens']:,} tokens, {summary['params']:,} params)")
+        print(f"outputs: {summary['run_dir']}  (metrics.jsonl, checkpoints/, hf/, summary.json)")
+
+
+if __name__ == "__main__":
+    main()

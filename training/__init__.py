@@ -1,0 +1,1 @@
+"""Small components of the training loop in ``train.py``: config, optimiser, checkpoints, metrics."""
