@@ -8,7 +8,6 @@ Everything a run writes goes under ``run_dir``: the resolved config, ``metrics.j
 the HF export (``hf/``) and ``summary.json``. Re-running with the same ``run_dir`` resumes from the
 newest complete checkpoint, exactly (same data, same RNG, same optimizer state).
 """
-import math
 import os
 import sys
 import time
@@ -77,20 +76,13 @@ def build_model(run: Run, vocab_size: int):
     return build(run.model.arch, run.model.config, vocab_size)
 
 
-@torch.no_grad()
 def validate(accelerator, model, batches, byte_lengths) -> dict:
     """Validation loss, perplexity and bits per byte over all ranks' shares of the validation rows."""
-    from eval.perplexity import perplexity_sums
+    from eval.perplexity import evaluate_perplexity
 
-    model.eval()
-    sums = perplexity_sums(model, batches, byte_lengths, device=accelerator.device)
-    model.train()
-    total = accelerator.reduce(torch.tensor([sums["nll"], sums["tokens"], sums["bytes"]], dtype=torch.float64,
-                                            device=accelerator.device), reduction="sum")
-    nll, tokens, nbytes = total.tolist()
-    loss = nll / tokens
-    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": nll / (math.log(2) * nbytes) if nbytes else None,
-            "val_tokens": int(tokens)}
+    result = evaluate_perplexity(model, batches, byte_lengths, device=accelerator.device)
+    return {"val_loss": result["loss"], "val_ppl": result["ppl"], "val_bpb": result["bpb"],
+            "val_tokens": result["tokens"]}
 
 
 class TrainState:

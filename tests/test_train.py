@@ -1,0 +1,153 @@
+"""The training spine end to end: train.py through Hydra, resume after a kill, export, bad input.
+
+Every run here is a real ``python train.py`` subprocess on a tiny model and a short sequence length.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "model=paragru_tiny", "model.config.hidden_size=32", "model.config.num_hidden_layers=1",
+    "data.seq_len=32", "data.validation_rows=8", "trainer.batch_size=4", "trainer.max_steps=8",
+    "trainer.warmup_steps=2", "trainer.log_every=1", "trainer.val_every=4", "trainer.val_batches=2",
+    "trainer.ckpt_every=2", "trainer.keep_last=10",
+]
+
+
+def run_train(run_dir, *overrides, check=True, **kwargs):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *TINY, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    proc = run_train(run_dir)
+    return run_dir, proc
+
+
+@pytest.mark.slow
+def test_uninterrupted_run_writes_every_output(uninterrupted):
+    run_dir, proc = uninterrupted
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "hf/config.json", "hf/model.safetensors",
+                 "hf/tokenizer.json", "checkpoints"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["step"] == 8 and summary["tokens"] == 8 * 4 * 32
+    assert 0 < summary["val_loss"] < 12 and summary["val_bpb"] > 0
+    assert "perplexity" in proc.stdout and str(run_dir) in proc.stdout
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, 9))
+    residuals = [json.loads(l).get("newton_residual") for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert any(r is not None and r < 1e-4 for r in residuals)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill_after_checkpoint"])
+def test_killed_run_resumes_to_identical_losses(uninterrupted, tmp_path, how):
+    full_dir, _ = uninterrupted
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *TINY]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run_dir / "checkpoints" / "step_0000004" / "manifest.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run never wrote its step-4 checkpoint"
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    resumed = run_train(run_dir)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    expected, got = train_losses(full_dir), train_losses(run_dir)
+    assert got == expected  # bit-exact on CPU: same data, same RNG, same optimizer state
+
+
+@pytest.mark.slow
+def test_export_loads_in_a_clean_process_with_equal_logits(uninterrupted, tmp_path):
+    run_dir, _ = uninterrupted
+    import torch
+
+    from data import load_tokenizer
+    sys.path.insert(0, ROOT)
+    from models.registry import build_model
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    cfg = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
+    ids = load_tokenizer(cfg.data.tokenizer)("Fellow citizens of the Senate and House", return_tensors="pt").input_ids
+    model = build_model("pararnn", OmegaConf.to_container(cfg.model.config), 50257)
+    model.load_state_dict(load_file(os.path.join(run_dir, "hf", "model.safetensors")))
+    expected = model.eval()(ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        import importlib.util
+        assert importlib.util.find_spec("models") is None, "the repo must not be importable here"
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained("{run_dir}/hf", trust_remote_code=True).eval()
+        tok = AutoTokenizer.from_pretrained("{run_dir}/hf")
+        ref = torch.load("{tmp_path}/expected.pt")
+        with torch.no_grad():
+            logits = model(ref["ids"]).logits
+        assert torch.equal(logits, ref["logits"]), (logits - ref["logits"]).abs().max()
+        out = model.generate(ref["ids"], max_new_tokens=5, do_sample=False)
+        assert out.shape[1] == ref["ids"].shape[1] + 5
+        print("OK", type(model).__name__, tok.decode(out[0, -5:]))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK ParaRNNForCausalLM" in proc.stdout
+
+
+@pytest.mark.slow
+def test_command_line_overrides_reach_the_run(tmp_path):
+    run_dir = tmp_path / "overrides"
+    run_train(run_dir, "trainer.max_steps=2", "trainer.ckpt_every=1", "model.config.num_heads=4", "seed=7",
+              "model.name=renamed")
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert cfg.trainer.max_steps == 2 and cfg.model.config.num_heads == 4 and cfg.seed == 7
+    assert json.load(open(run_dir / "summary.json"))["model"] == "renamed"
+    assert json.load(open(run_dir / "hf" / "config.json"))["num_heads"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, needle", [
+    ("model=no_such_model", "model/no_such_model"),
+    ("data.train_files=[/no/such/file.jsonl]", "/no/such/file.jsonl"),
+    ("data.seq_len=0", "seq_len"),
+    ("trainer.batch_size=6 trainer.grad_accum=4", "trainer.batch_size"),
+    ("model.config.vocab_size=1000", "vocab_size"),
+    ("+trainer.no_such_key=1", "trainer.no_such_key"),
+])
+def test_bad_input_fails_fast_with_one_line(tmp_path, override, needle):
+    start = time.time()
+    proc = run_train(tmp_path / "bad", *override.split(), check=False)
+    assert proc.returncode != 0
+    err_lines = [l for l in proc.stderr.splitlines() if needle in l]
+    assert err_lines, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert time.time() - start < 120
