@@ -1,0 +1,184 @@
+"""Hydra entry: downstream evaluation (lm-eval) of one or several checkpoints or run dirs.
+
+    python -m eval.main checkpoints=[runs/gru,runs/mamba2] tasks=paper limit=100 batch_size=8 device=cpu
+    python -m eval.main --config-name paper checkpoints=[runs/gru] data_root=../shared/data/eval device=cuda
+    python -m eval.main checkpoints=[runs/gru/hf] tasks=[local_arc_easy,local_arc_challenge:25] limit=50
+    python -m eval.main checkpoints=[runs/gru] tasks=smoke perplexity=true   # + validation ppl/bpb, loss_by_position.json
+
+A checkpoint is a run dir (``<run_dir>/hf/config.json``) or an exported HF directory. Results go to
+``<run_dir>/eval/downstream_<preset>.json`` (lm-eval version and task configs included); with
+``perplexity=true`` also ``<run_dir>/eval/perplexity.json`` and ``<run_dir>/loss_by_position.json``.
+Configs: ``configs/eval/`` (default.yaml; presets smoke, paper, mamba_zeroshot). Bad input (a missing
+checkpoint, an unknown preset or task, a missing data file) stops before any model is loaded, with a
+one-line error naming the key or path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from eval.downstream import EvalConfigError, REPO_ROOT, resolve_data_root, resolve_tasks
+
+CONFIG_DIR = str(REPO_ROOT / "configs" / "eval")
+log = logging.getLogger("eval.main")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    given: str
+    run_dir: Path  # where eval/ outputs go
+    hf_dir: Path  # what HFLM loads
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+def resolve_checkpoint(path: str) -> Checkpoint:
+    """A run dir (with ``hf/config.json``) or an exported HF directory (with ``config.json``)."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_dir():
+        raise EvalConfigError(f"checkpoints: {path}: no such directory")
+    p = p.resolve()
+    if (p / "hf" / "config.json").is_file():
+        return Checkpoint(str(path), p, p / "hf")
+    if (p / "config.json").is_file():
+        parent = p.parent
+        is_run = any((parent / f).is_file() for f in ("config.yaml", "metrics.jsonl", "summary.json"))
+        return Checkpoint(str(path), parent if is_run else p, p)
+    raise EvalConfigError(f"checkpoints: {path}: neither a run dir with hf/config.json nor an exported HF "
+                          f"model directory with config.json")
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """What the run dir says about the model (all optional): arch, name, params, tokens, data."""
+    info: dict[str, Any] = {"run_dir": str(run_dir)}
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        try:
+            cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=False)
+            model = cfg.get("model", {}) if isinstance(cfg, dict) else {}
+            info["arch"] = model.get("arch")
+            info["model_name"] = model.get("name")
+            data = cfg.get("data", {}) if isinstance(cfg, dict) else {}
+            info["data_name"] = data.get("name") if isinstance(data, dict) else None
+        except Exception as exc:  # a broken config.yaml must not stop the evaluation
+            info["config_error"] = f"{type(exc).__name__}: {exc}"
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            s = json.loads(summary.read_text())
+            info.update({k: s.get(k) for k in ("params", "tokens", "val_loss", "val_ppl", "val_bpb") if k in s})
+        except Exception as exc:
+            info["summary_error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def run_perplexity(ckpt: Checkpoint, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Validation loss / ppl / bpb and loss_by_position.json with the run's own data config."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data import pipeline
+    from eval.perplexity import evaluate_perplexity, write_loss_by_position
+
+    cfg_path = ckpt.run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise EvalConfigError(f"perplexity=true: {cfg_path} not found (needed for the run's data config)")
+    data = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True).get("data") or {}
+    known = {f.name for f in dataclasses.fields(pipeline.DataConfig)}
+    dcfg = pipeline.DataConfig.from_dict({k: v for k, v in data.items() if k in known})
+    if cfg.perplexity_rows is not None:
+        dcfg.validation_rows = int(cfg.perplexity_rows)
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer or ckpt.hf_dir))
+    batches = pipeline.validation_batches(dcfg, tokenizer, batch_size=int(cfg.perplexity_batch_size))
+    dtype = None if cfg.dtype in (None, "auto") else getattr(torch, str(cfg.dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt.hf_dir), trust_remote_code=bool(cfg.trust_remote_code),
+                                                 **({"dtype": dtype} if dtype is not None else {}))
+    try:
+        from data.stats import token_byte_lengths
+    except ImportError:  # older data package: no bits-per-byte
+        token_byte_lengths = None
+    byte_lengths = token_byte_lengths(tokenizer) if token_byte_lengths is not None else None
+    res = evaluate_perplexity(model, batches, byte_lengths=byte_lengths, device=cfg.device)
+    res.update(data=dcfg.name, seq_len=dcfg.seq_len, rows=sum(int(b["input_ids"].shape[0]) for b in batches))
+    write_loss_by_position(ckpt.run_dir, model, batches, device=cfg.device, extra={"data": dcfg.name, "seq_len": dcfg.seq_len})
+    from eval.downstream import write_json
+
+    write_json(out_dir / "perplexity.json", res)
+    return res
+
+
+def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Validate everything, then evaluate each checkpoint; returns the result dicts."""
+    from eval.downstream import run_downstream, summary_table
+
+    checkpoints = _plain(cfg.checkpoints)
+    if isinstance(checkpoints, str):
+        checkpoints = [checkpoints]
+    if not checkpoints:
+        raise EvalConfigError("checkpoints: none given (e.g. checkpoints=[runs/my_run])")
+    preset, specs, limit = resolve_tasks(_plain(cfg.tasks), cfg.num_fewshot, _plain(cfg.limit))
+    preset = cfg.preset or preset
+    data_root = resolve_data_root(cfg.data_root)
+    ckpts = [resolve_checkpoint(c) for c in checkpoints]
+    if cfg.tokenizer is not None and not Path(str(cfg.tokenizer)).is_dir():
+        raise EvalConfigError(f"tokenizer: {cfg.tokenizer}: no such directory")
+
+    results = []
+    for ckpt in ckpts:
+        out_dir = Path(cfg.output_dir) / ckpt.name if cfg.output_dir else ckpt.run_dir / "eval"
+        out_path = out_dir / f"downstream_{preset}.json"
+        log.info("evaluating %s (%s) on %s -> %s", ckpt.given, ckpt.hf_dir, preset, out_path)
+        res = run_downstream(
+            str(ckpt.hf_dir), tokenizer=str(cfg.tokenizer) if cfg.tokenizer else None,
+            tasks=[{"task": s.task, "num_fewshot": s.num_fewshot} for s in specs], limit=limit,
+            batch_size=cfg.batch_size, device=cfg.device, output_path=None, data_root=data_root, hub=bool(cfg.hub),
+            dtype=cfg.dtype, max_length=cfg.max_length, trust_remote_code=bool(cfg.trust_remote_code),
+            seed=int(cfg.seed), log_samples=bool(cfg.log_samples),
+            extra_info={"checkpoint": str(ckpt.hf_dir), "run": run_info(ckpt.run_dir)},
+        )
+        res["preset"] = preset
+        res["eval_config"] = _plain(cfg)
+        if cfg.perplexity:
+            res["perplexity"] = run_perplexity(ckpt, cfg, out_dir)
+        from eval.downstream import write_json
+
+        write_json(out_path, res)
+        print(f"== {ckpt.given} ({preset}) -> {out_path}")
+        print(summary_table(res))
+        if "perplexity" in res:
+            p = res["perplexity"]
+            print(f"validation loss={p['loss']:.4f} ppl={p['ppl']:.3f} bpb={p['bpb']} tokens={p['tokens']}")
+        results.append(res)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="default")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except EvalConfigError as exc:
+        print(f"eval.main: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:
+        if type(exc).__name__ == "ConfigError":  # data.pipeline.ConfigError: already one line
+            print(f"eval.main: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
