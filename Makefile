@@ -28,8 +28,13 @@ $(STAMP): requirements.txt requirements-dev.txt .ci/constraints.txt
 	$(PY) -m pip check
 	@rm -f $(VENV)/.pararnn-* && touch $@
 
+RUN_DIR ?= runs/paragru_tiny
+
+# Train the default model (or `make train ARGS="model=paralstm_tiny" RUN_DIR=runs/lstm`), then score the
+# export on the shipped downstream slices through lm-eval.
 train: setup
-	$(PY) train.py $(ARGS)
+	$(PY) train.py run_dir=$(RUN_DIR) $(ARGS)
+	$(PY) -m eval.main checkpoints=[$(RUN_DIR)] tasks=smoke
 
 test: setup
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --timeout 900 tests $(ARGS)

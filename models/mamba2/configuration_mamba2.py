@@ -7,8 +7,6 @@ The saved ``config.json`` has ``model_type: mamba2``, so an export loads with pl
   parameter counts reproduce the paper's (2.83B and 6.96B exactly), and with one group HF's gated
   RMSNorm (over the whole inner width) is the same function as mamba-ssm's grouped one.
 * ``num_heads`` may be left out: it is ``expand · hidden_size / head_dim``.
-* ``use_cache=False``: a plain forward (training, validation) then takes the path that resets at
-  document boundaries; ``generate()`` still turns the cache on through its generation config.
 * ``tie_word_embeddings=False`` (the paper's models are untied), GPT-2 ``<|endoftext|>`` ids (50256)
   like the ParaRNN config.
 
@@ -31,7 +29,6 @@ class Mamba2DocConfig(Mamba2Config):
     num_hidden_layers: int = 48
     n_groups: int = 1
     chunk_size: int = 256
-    use_cache: bool = False
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = 50256

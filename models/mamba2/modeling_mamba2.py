@@ -14,8 +14,10 @@ What is special here, compared with ``transformers.Mamba2ForCausalLM``:
   kept (the paper trained "the HuggingFace implementation with default init"), and for a single
   document the output equals HF's torch path. ``save_pretrained`` writes ``architectures:
   ["Mamba2ForCausalLM"]`` so exports load with plain transformers.
-* With a cache (``generate()``) or a padding ``attention_mask`` the mixer defers to HF's own code,
-  which knows nothing of documents; packed rows are refused there.
+* ``forward`` defaults ``use_cache`` to False (HF's follows ``config.use_cache`` in eval mode), so
+  plain calls (training, validation) take the path with resets. With a cache (``generate()``) or a
+  padding ``attention_mask`` the mixer defers to HF's own code, which knows nothing of documents:
+  position_ids are then ignored, and packed rows with a padding mask are refused.
 * Logits are returned in the head's dtype (HF upcasts them to fp32, which at seq 2048 × 50k vocab
   costs GBs per batch); the training loss upcasts where it needs to.
 """
@@ -181,7 +183,12 @@ class Mamba2DocForCausalLM(Mamba2ForCausalLM):
                 return_dict: Optional[bool] = None, use_cache: Optional[bool] = None,
                 attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs) -> Mamba2CausalLMOutput:
-        seq_idx = seq_idx_from_position_ids(position_ids)
+        # use_cache defaults to False (HF's follows config.use_cache in eval): a plain forward takes the
+        # path with document resets; generate() passes use_cache=True. With a cache, position_ids are
+        # generation positions (with left padding they even jump), not document starts: no resets.
+        use_cache = bool(use_cache)
+        caching = use_cache or cache_params is not None
+        seq_idx = None if caching else seq_idx_from_position_ids(position_ids)
         out = self.backbone(input_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, use_cache=use_cache,
                             output_hidden_states=output_hidden_states, attention_mask=attention_mask,
                             seq_idx=seq_idx)

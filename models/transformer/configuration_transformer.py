@@ -5,9 +5,6 @@ The saved ``config.json`` has ``model_type: llama``, so an export loads with pla
 
 * ``intermediate_size`` may be left out: it is DCLM's SwiGLU width 256·ceil(8d/3/256) (2816 at d=1024).
 * ``rms_norm_eps=1e-5`` (DCLM/open_lm's norm eps), RoPE θ = 10000, no biases, untied embeddings.
-* ``use_cache=False``: transformers builds the block-diagonal mask of packed rows from
-  ``position_ids`` only when no cache is passed, and LlamaModel creates a cache whenever
-  ``use_cache`` is on. ``generate()`` still turns the cache on through its generation config.
 * GPT-2 ``<|endoftext|>`` ids (50256) like the ParaRNN config.
 
 DCLM itself uses gain-only LayerNorm and QK-norm; Llama's RMSNorm without QK-norm is the spec's
@@ -35,7 +32,6 @@ class TransformerConfig(LlamaConfig):
     num_attention_heads: int = 8
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-5
-    use_cache: bool = False
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = 50256

@@ -9,8 +9,10 @@ What is special here, compared with ``transformers.LlamaForCausalLM``:
   (rows with one document keep ``is_causal`` and the flash kernel); with
   ``attn_implementation="flex_attention"`` it is a block-sparse ``BlockMask``. RoPE uses the
   restarted positions, so a packed row computes exactly what its documents compute alone
-  (``tests/test_baselines.py`` checks it). ``config.use_cache`` is False so that LlamaModel does not
-  create a cache, which would switch that detection off.
+  (``tests/test_baselines.py`` checks it). That detection is off whenever a cache exists, and
+  LlamaModel creates one when ``use_cache`` is on, so ``forward`` here defaults ``use_cache`` to
+  False; ``generate()`` passes True and keeps its KV cache. (A plain ``LlamaForCausalLM`` loaded from
+  an export follows ``config.use_cache=True``: give it ``use_cache=False`` for packed rows.)
 * **DCLM (open_lm) initialisation** instead of Llama's N(0, 0.02): truncated normals (±3σ) with
   σ = 1/√d for embeddings, q/k/v, gate/up and the LM head, and depth-scaled output projections:
   σ = 1/√d / √(2(l+1)) for o_proj and σ = 1/√ffn / √(2(l+1)) for down_proj in layer l. Loaded
@@ -38,6 +40,10 @@ class TransformerForCausalLM(LlamaForCausalLM):
 
     config_class = TransformerConfig
     config: TransformerConfig
+
+    def forward(self, *args, use_cache=None, **kwargs):
+        """Llama's forward; ``use_cache`` defaults to False (packed rows need it off; generate() sets it)."""
+        return super().forward(*args, use_cache=bool(use_cache), **kwargs)
 
     @torch.no_grad()
     def initialize_weights(self):

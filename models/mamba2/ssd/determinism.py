@@ -1,5 +1,5 @@
 # Vendored from mamba-ssm 2.3.2.post1 (mamba_ssm/utils/determinism.py), Apache License 2.0 (see LICENSE in this folder).
-# Modified for ParaRNN-LM: none (copied as is).
+# Not modified.
 # Copyright (c) 2024, Tri Dao, Albert Gu.
 
 import os

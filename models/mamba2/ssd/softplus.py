@@ -1,5 +1,5 @@
 # Vendored from mamba-ssm 2.3.2.post1 (mamba_ssm/ops/triton/softplus.py), Apache License 2.0 (see LICENSE in this folder).
-# Modified for ParaRNN-LM: none (copied as is).
+# Not modified.
 import triton
 import triton.language as tl
 from packaging import version
