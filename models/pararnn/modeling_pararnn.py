@@ -61,7 +61,8 @@ class RNNBlock(nn.Module):
                              newton_iters=config.newton_iters, clip=config.clip, init=config.cell_init)
         self.out_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
-        self.residual_scale = nn.Parameter(torch.ones(()))
+        # One element, not 0-dim: FSDP2's fully_shard and DeepSpeed ZeRO cannot shard 0-dim parameters.
+        self.residual_scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x: Tensor, positions: Optional[Tensor], reset: Optional[Tensor]) -> Tensor:
         v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)

@@ -1,0 +1,115 @@
+"""CPU timing of ParaGRU / ParaLSTM: sequential loop vs parallel Newton (torch), forward and forward+backward.
+
+Usage::
+
+    python benchmarks/bench_cells_cpu.py [--out benchmarks/results/cells_cpu.json] [--repeats 3]
+
+Times are the median of up to ``--repeats`` runs (after one warm-up) measured with ``time.perf_counter``,
+float32, paper initialisation, 3 Newton iterations, D_in = N, 2 heads. "fwd" runs under ``torch.no_grad()``;
+"fwd+bwd" is the forward with autograd on plus ``backward()`` of ``y.sum()``. A measurement whose warm-up is
+slow gets fewer repeats (at least 1) so that the whole run stays under ~2 minutes; the JSON records how many.
+``--threads`` defaults to 1: on a small shared CPU, intra-op threads mostly add contention. The JSON also
+records the load average, since numbers taken on a busy machine are only rough.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.pararnn.pararnn_cells import ParaGRU, ParaLSTM  # noqa: E402
+
+CELLS = {"ParaGRU": ParaGRU, "ParaLSTM": ParaLSTM}
+
+
+def _median_time(fn, repeats: int, budget_s: float) -> tuple:
+    """Median seconds over up to ``repeats`` runs after a warm-up; fewer runs if one takes long."""
+    start = time.perf_counter()
+    fn()  # warm-up
+    warm = time.perf_counter() - start
+    n = max(1, min(repeats, int(budget_s / max(warm, 1e-9))))
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), n
+
+
+def bench(cell_name: str, B: int, T: int, N: int, heads: int, repeats: int, budget_s: float = 2.0) -> dict:
+    torch.manual_seed(0)
+    cell = CELLS[cell_name](N, N, heads, newton_iters=3)
+    x = torch.randn(B, T, N)
+    result = {"cell": cell_name, "B": B, "T": T, "N": N, "heads": heads}
+    for mode in ("sequential", "parallel"):
+        cell.mode = mode
+
+        def forward():
+            with torch.no_grad():
+                cell(x)
+
+        def forward_backward():
+            xg = x.clone().requires_grad_()
+            cell.zero_grad(set_to_none=True)
+            cell(xg).sum().backward()
+
+        result[f"{mode}_fwd_s"], result[f"{mode}_fwd_n"] = _median_time(forward, repeats, budget_s)
+        result[f"{mode}_fwdbwd_s"], result[f"{mode}_fwdbwd_n"] = _median_time(forward_backward, repeats, budget_s)
+    result["speedup_fwd"] = result["sequential_fwd_s"] / result["parallel_fwd_s"]
+    result["speedup_fwdbwd"] = result["sequential_fwdbwd_s"] / result["parallel_fwdbwd_s"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "cells_cpu.json"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per measurement")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+
+    rows = []
+    header = (f"{'cell':9s} {'B':>2s} {'T':>5s} {'N':>4s} | {'seq fwd':>9s} {'par fwd':>9s} {'x':>6s} | "
+              f"{'seq f+b':>9s} {'par f+b':>9s} {'x':>6s}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, times in ms "
+          f"(median of <= {args.repeats}); x = sequential / parallel; load average {load_before[0]:.1f}")
+    print(header)
+    print("-" * len(header))
+    start = time.perf_counter()
+    for cell_name in CELLS:
+        for N in args.widths:
+            for T in args.lengths:
+                r = bench(cell_name, args.batch, T, N, args.heads, args.repeats, args.budget)
+                rows.append(r)
+                print(f"{cell_name:9s} {r['B']:2d} {T:5d} {N:4d} | {1e3 * r['sequential_fwd_s']:9.2f} "
+                      f"{1e3 * r['parallel_fwd_s']:9.2f} {r['speedup_fwd']:6.2f} | "
+                      f"{1e3 * r['sequential_fwdbwd_s']:9.2f} {1e3 * r['parallel_fwdbwd_s']:9.2f} "
+                      f"{r['speedup_fwdbwd']:6.2f}", flush=True)
+    total = time.perf_counter() - start
+
+    out_dir = os.path.dirname(args.out)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "processor": platform.processor(), "dtype": "float32",
+            "newton_iters": 3, "repeats": args.repeats, "timer": "time.perf_counter, median after 1 warm-up",
+            "fwd": "torch.no_grad()", "fwdbwd": "y.sum().backward() with input requiring grad",
+            "total_seconds": total, "load_average_before": load_before, "load_average_after": os.getloadavg()}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    print(f"wrote {args.out} ({total:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""Small helpers shared by the tests."""
+import torch
+
+
+def rel_err(a, b, floor: float = 1e-12) -> float:
+    """``||a - b|| / max(||b||, floor)`` in float64. Fails (AssertionError) on NaN/inf or a shape mismatch."""
+    a = torch.as_tensor(a).detach().to(torch.float64)
+    b = torch.as_tensor(b).detach().to(torch.float64)
+    assert a.shape == b.shape, f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), "non-finite value in the tested tensor"
+    assert torch.isfinite(b).all(), "non-finite value in the reference tensor"
+    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
