@@ -1,0 +1,289 @@
+"""Public entry points of the ParaRNN Triton kernels: :func:`newton_forward`, :func:`adjoint_backward`.
+
+Two kernel families solve the same recurrence (see ``newton.py`` and ``sweep.py``):
+
+* ``"newton"``: time tiles, Newton with an in-register associative scan per tile, exact carry
+  between tiles. Parallel over time inside a tile, so it keeps the GPU busy when B·N is small.
+* ``"sweep"``: the exact recurrence walked step by step, one channel per thread. Less work
+  (one cell evaluation per step instead of four), but latency-bound: its time is flat in B·N until
+  the GPU fills, so it wins for large B·N (and for the LSTM forward everywhere we measured).
+
+In the backward both families solve the same linear adjoint recurrence exactly (no Newton): the
+"newton" one by a tiled reverse scan, the sweep step by step.
+
+``method=None`` picks by shape with :func:`pick_method` (the rule and the measurements behind it
+are in ``kernels/pararnn/NOTES.md``). No host synchronisation happens in these functions.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import newton as _newton
+from . import sweep as _sweep
+
+CELLS = {"gru": 1, "lstm": 2}  # cell -> state blocks K
+METHODS = ("newton", "sweep")
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Launch configurations. Under the interpreter: small tiles (tests must stay tiny) and any BLOCK_N.
+# On a GPU: sweep kernels need BLOCK_N = 32·num_warps (one channel per thread).
+CONFIGS = {
+    "interpret": {
+        "newton_fwd": dict(BLOCK_T=8, BLOCK_N=16, num_warps=4),
+        "newton_bwd": dict(BLOCK_T=8, BLOCK_N=16, num_warps=4),
+        "sweep_fwd": dict(CHUNK=4, BLOCK_N=16, num_warps=1),
+        "sweep_bwd": dict(CHUNK=4, BLOCK_N=16, num_warps=1),
+    },
+    "gru": {
+        "newton_fwd": dict(BLOCK_T=128, BLOCK_N=32, num_warps=8),
+        "newton_bwd": dict(BLOCK_T=32, BLOCK_N=32, num_warps=4),
+        "sweep_fwd": dict(CHUNK=32, BLOCK_N=32, num_warps=1),
+        "sweep_bwd": dict(CHUNK=8, BLOCK_N=32, num_warps=1),
+    },
+    "lstm": {
+        "newton_fwd": dict(BLOCK_T=32, BLOCK_N=32, num_warps=8),
+        "newton_bwd": dict(BLOCK_T=32, BLOCK_N=32, num_warps=4),
+        "sweep_fwd": dict(CHUNK=16, BLOCK_N=32, num_warps=1),
+        "sweep_bwd": dict(CHUNK=8, BLOCK_N=32, num_warps=1),
+    },
+}
+
+# pick_method: the sweep is used once there are at least this many independent chains (B·N).
+# From H200 measurements (bf16, kernels/pararnn/NOTES.md, run 2), B·N from 256 to 16384:
+# * GRU fwd: Newton faster up to 8192 chains, the sweep from 16384 -> switch at 12288;
+# * LSTM fwd: the sweep was faster at every measured shape -> always;
+# * GRU bwd: the tiled scan (Newton family) was faster at every measured shape; the sweep's time is
+#   flat in B·N while the scan's grows, so it is switched at 32768 chains (an extrapolation, unmeasured);
+# * LSTM bwd: tiled scan faster up to 4096 chains, the sweep from 8192.
+SWEEP_MIN_CHAINS = {"fwd": {"gru": 12288, "lstm": 0}, "bwd": {"gru": 32768, "lstm": 8192}}
+
+# The compiled kernel of the last launch per direction (host-side bookkeeping for benchmarks:
+# registers, spills, IR). Not used by the computation.
+LAST_LAUNCH = {}
+
+
+def available() -> bool:
+    """True when the kernels can run: CUDA present and Triton importable, or ``TRITON_INTERPRET=1``."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return _INTERPRET or torch.cuda.is_available()
+
+
+# Benchmark hook: {(cell, direction, B, T, N): method} consulted before the rule (empty in normal use).
+METHOD_OVERRIDE = {}
+
+
+def pick_method(cell: str, B: int, T: int, N: int, direction: str) -> str:
+    """Kernel family for a shape: ``"sweep"`` when ``B·N`` alone fills the GPU, else ``"newton"``."""
+    forced = METHOD_OVERRIDE.get((cell, direction, B, T, N))
+    if forced is not None:
+        return forced
+    return "sweep" if B * N >= SWEEP_MIN_CHAINS[direction][cell] else "newton"
+
+
+def _config(cell: str, key: str, override: Optional[dict]) -> dict:
+    cfg = dict(CONFIGS["interpret" if _INTERPRET else cell][key])
+    if override:
+        cfg.update({k: v for k, v in override.items() if k in cfg})
+    return cfg
+
+
+def _check(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Optional[Tensor],
+           reset: Optional[Tensor]) -> Tuple[int, int, int, int]:
+    if cell not in CELLS:
+        raise ValueError(f"pararnn kernels: cell={cell!r} is not one of {', '.join(CELLS)}")
+    K = CELLS[cell]
+    if P.dim() != 4 or P.shape[2] != 3:
+        raise ValueError(f"pararnn kernels: P must be [B, T, 3, N], got {tuple(P.shape)}")
+    B, T, _, N = P.shape
+    if tuple(A.shape) != (3, N):
+        raise ValueError(f"pararnn kernels: A must be [3, {N}], got {tuple(A.shape)}")
+    if cell == "lstm" and (C is None or tuple(C.shape) != (2, N)):
+        raise ValueError(f"pararnn kernels: lstm needs C [2, {N}], got {None if C is None else tuple(C.shape)}")
+    if h0 is not None and tuple(h0.shape) != (B, K, N):
+        raise ValueError(f"pararnn kernels: h0 must be [{B}, {K}, {N}], got {tuple(h0.shape)}")
+    if reset is not None and tuple(reset.shape) != (B, T):
+        raise ValueError(f"pararnn kernels: reset must be [{B}, {T}], got {tuple(reset.shape)}")
+    return B, T, N, K
+
+
+def _prep_params(cell, A, C):
+    A = A.detach().to(torch.float32).contiguous()
+    C = C.detach().to(torch.float32).contiguous() if cell == "lstm" else None
+    return A, C
+
+
+def _prep_reset(reset: Optional[Tensor]) -> Optional[Tensor]:
+    if reset is None:
+        return None
+    if reset.dtype != torch.bool:
+        reset = reset != 0
+    return reset.view(torch.uint8)
+
+
+def _lastdim_contig(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def newton_forward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Optional[Tensor],
+                   reset: Optional[Tensor], num_iters: int = 3, want_residual: bool = False, *,
+                   method: Optional[str] = None, config: Optional[dict] = None
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Solve the cell's state trajectory over the whole sequence.
+
+    Args:
+        cell: ``"gru"`` (state K = 1: h) or ``"lstm"`` (K = 2: index 0 = c, 1 = h).
+        P: ``[B, T, 3, N]`` input projection (bf16/fp16/fp32; fp64 is accepted but computed in
+            fp32); the last dim must be contiguous (else it is copied), any strides for B, T and
+            the gate dim.
+        A: ``[3, N]`` diagonal recurrent weights (GRU rows z, r, c; LSTM rows f, o, z); cast to fp32.
+        C: ``[2, N]`` LSTM peepholes (c_f, c_o), else None.
+        h0: ``[B, K, N]`` initial state, or None (zeros).
+        reset: ``[B, T]`` bool, True where a document starts (the state entering that step is
+            zero), or None.
+        num_iters: Newton iterations per time tile after the initial guess ``f(0, P_t)``
+            (``"newton"`` method only; the sweep computes the exact recurrence).
+        want_residual: also return ``max |f(h_{t-1}, P_t) − h_t|`` over everything for the final
+            fp32 iterate (before rounding to P's dtype). The sweep is exact, so it returns 0.
+        method: ``"newton"``, ``"sweep"`` or None (by shape, :func:`pick_method`).
+        config: optional launch-parameter overrides (``BLOCK_T``/``BLOCK_N``/``CHUNK``/``num_warps``).
+
+    Returns:
+        ``(h [B, T, K, N] in P.dtype, residual 0-d fp32 tensor or None)``. Math is fp32 throughout.
+    """
+    B, T, N, K = _check(cell, P, A, C, h0, reset)
+    method = method or pick_method(cell, B, T, N, "fwd")
+    if method not in METHODS:
+        raise ValueError(f"pararnn kernels: method={method!r} is not one of {', '.join(METHODS)}")
+    P = _lastdim_contig(P)
+    A, C = _prep_params(cell, A, C)
+    h0c = h0.contiguous() if h0 is not None else None
+    rst = _prep_reset(reset)
+    H = torch.empty(B, T, K, N, device=P.device, dtype=P.dtype)
+    if B == 0 or T == 0 or N == 0:
+        return H, (torch.zeros((), device=P.device, dtype=torch.float32) if want_residual else None)
+    dummy = A  # stands for absent optional pointers (never dereferenced)
+    H0p, Rp = (h0c if h0c is not None else dummy), (rst if rst is not None else dummy)
+    sH0 = (h0c.stride(0), h0c.stride(1)) if h0c is not None else (0, 0)
+    sR = (rst.stride(0), rst.stride(1)) if rst is not None else (0, 0)
+    flags = dict(HAS_H0=h0 is not None, HAS_RST=reset is not None)
+    if method == "newton":
+        cfg = _config(cell, "newton_fwd", config)
+        nw = cfg.pop("num_warps")
+        grid = (triton_cdiv(N, cfg["BLOCK_N"]), B)
+        res_buf = torch.empty(grid[0] * B, device=P.device, dtype=torch.float32) if want_residual else dummy
+        if cell == "gru":
+            LAST_LAUNCH["fwd"] = _newton.gru_newton_fwd_kernel[grid](
+                P, A, H0p, Rp, H, res_buf, T, N,
+                P.stride(0), P.stride(1), P.stride(2), sH0[0], sR[0], sR[1], H.stride(0), H.stride(1),
+                NUM_ITERS=num_iters, WANT_RES=want_residual, **flags, **cfg, num_warps=nw)
+        else:
+            LAST_LAUNCH["fwd"] = _newton.lstm_newton_fwd_kernel[grid](
+                P, A, C, H0p, Rp, H, res_buf, T, N,
+                P.stride(0), P.stride(1), P.stride(2), sH0[0], sH0[1], sR[0], sR[1],
+                H.stride(0), H.stride(1), H.stride(2),
+                NUM_ITERS=num_iters, WANT_RES=want_residual, **flags, **cfg, num_warps=nw)
+        residual = res_buf.amax() if want_residual else None
+    else:
+        cfg = _config(cell, "sweep_fwd", config)
+        nw = cfg.pop("num_warps")
+        grid = (triton_cdiv(N, cfg["BLOCK_N"]), B)
+        if cell == "gru":
+            LAST_LAUNCH["fwd"] = _sweep.gru_sweep_fwd_kernel[grid](
+                P, A, H0p, Rp, H, T, N,
+                P.stride(0), P.stride(1), P.stride(2), sH0[0], sR[0], sR[1], 0, H.stride(0), H.stride(1),
+                **flags, **cfg, num_warps=nw)
+        else:
+            LAST_LAUNCH["fwd"] = _sweep.lstm_sweep_fwd_kernel[grid](
+                P, A, C, H0p, Rp, H, T, N,
+                P.stride(0), P.stride(1), P.stride(2), sH0[0], sH0[1], sR[0], sR[1], 0,
+                H.stride(0), H.stride(1), H.stride(2),
+                **flags, **cfg, num_warps=nw)
+        residual = torch.zeros((), device=P.device, dtype=torch.float32) if want_residual else None
+    return H, residual
+
+
+def adjoint_backward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Optional[Tensor],
+                     reset: Optional[Tensor], h: Tensor, grad_h: Tensor, *,
+                     method: Optional[str] = None, config: Optional[dict] = None
+                     ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Backward of the trajectory: adjoint recurrence plus the local VJPs, in one kernel.
+
+    The saved trajectory ``h`` is treated as exact. ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}`` (``J_{t+1}``
+    zero where ``reset[:, t+1]``; ``J_{t+1}`` recomputed from ``h_t`` and ``P_{t+1}``), then the VJP
+    of ``f(h_{t-1}, P_t)`` with λ_t gives dP, dA, dC; ``dh0 = J_0ᵀ λ_0``.
+
+    Args:
+        cell, P, A, C, h0, reset: as for :func:`newton_forward`.
+        h: ``[B, T, K, N]`` the forward trajectory (any float dtype; last dim contiguous or copied).
+        grad_h: ``[B, T, K, N]`` dL/dh (any float dtype; for ParaLSTM the c part may be zeros).
+        method, config: as for :func:`newton_forward`.
+
+    Returns:
+        ``(dP [B, T, 3, N] in P.dtype, dA [3, N] fp32, dC [2, N] fp32 or None (GRU),
+        dh0 [B, K, N] fp32 or None (when h0 is None))``. dA/dC are summed over b and t (per-(b,
+        channel) partials from the kernel, then one sum over b).
+    """
+    B, T, N, K = _check(cell, P, A, C, h0, reset)
+    if tuple(h.shape) != (B, T, K, N) or tuple(grad_h.shape) != (B, T, K, N):
+        raise ValueError(f"pararnn kernels: h and grad_h must be [{B}, {T}, {K}, {N}], "
+                         f"got {tuple(h.shape)} and {tuple(grad_h.shape)}")
+    method = method or pick_method(cell, B, T, N, "bwd")
+    if method not in METHODS:
+        raise ValueError(f"pararnn kernels: method={method!r} is not one of {', '.join(METHODS)}")
+    P, h, grad_h = _lastdim_contig(P), _lastdim_contig(h), _lastdim_contig(grad_h)
+    A, C = _prep_params(cell, A, C)
+    h0c = h0.contiguous() if h0 is not None else None
+    rst = _prep_reset(reset)
+    dev = P.device
+    dP = torch.empty(B, T, 3, N, device=dev, dtype=P.dtype)
+    dA_part = torch.empty(B, 3, N, device=dev, dtype=torch.float32)
+    dC_part = torch.empty(B, 2, N, device=dev, dtype=torch.float32) if cell == "lstm" else None
+    dh0 = torch.empty(B, K, N, device=dev, dtype=torch.float32) if h0 is not None else None
+    if B == 0 or T == 0 or N == 0:
+        dP.zero_()
+        dA_part.zero_()
+        if dC_part is not None:
+            dC_part.zero_()
+        if dh0 is not None:
+            dh0.zero_()
+        return dP, dA_part.sum(0), None if dC_part is None else dC_part.sum(0), dh0
+    dummy = A
+    H0p, Rp = (h0c if h0c is not None else dummy), (rst if rst is not None else dummy)
+    DH0p = dh0 if dh0 is not None else dummy
+    sH0 = (h0c.stride(0), h0c.stride(1)) if h0c is not None else (0, 0)
+    sR = (rst.stride(0), rst.stride(1)) if rst is not None else (0, 0)
+    flags = dict(HAS_H0=h0 is not None, HAS_RST=reset is not None)
+    mod = _newton if method == "newton" else _sweep
+    sRn = () if method == "newton" else (0,)  # the sweep kernels take a zero reset channel stride
+    cfg = _config(cell, f"{method}_bwd", config)
+    nw = cfg.pop("num_warps")
+    grid = (triton_cdiv(N, cfg["BLOCK_N"]), B)
+    if cell == "gru":
+        kern = mod.gru_newton_bwd_kernel if method == "newton" else mod.gru_sweep_bwd_kernel
+        LAST_LAUNCH["bwd"] = kern[grid](
+            P, A, H0p, Rp, h, grad_h, dP, dA_part, DH0p, T, N,
+            P.stride(0), P.stride(1), P.stride(2), sH0[0], sR[0], sR[1], *sRn,
+            h.stride(0), h.stride(1), grad_h.stride(0), grad_h.stride(1),
+            dP.stride(0), dP.stride(1), dP.stride(2),
+            **flags, **cfg, num_warps=nw)
+    else:
+        kern = mod.lstm_newton_bwd_kernel if method == "newton" else mod.lstm_sweep_bwd_kernel
+        LAST_LAUNCH["bwd"] = kern[grid](
+            P, A, C, H0p, Rp, h, grad_h, dP, dA_part, dC_part, DH0p, T, N,
+            P.stride(0), P.stride(1), P.stride(2), sH0[0], sH0[1], sR[0], sR[1], *sRn,
+            h.stride(0), h.stride(1), h.stride(2), grad_h.stride(0), grad_h.stride(1), grad_h.stride(2),
+            dP.stride(0), dP.stride(1), dP.stride(2),
+            **flags, **cfg, num_warps=nw)
+    dA = dA_part.sum(0)
+    dC = dC_part.sum(0) if dC_part is not None else None
+    return dP, dA, dC, dh0
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -1,0 +1,216 @@
+"""The ParaGRU/ParaLSTM Triton kernels (``kernels.pararnn``) against a float64 sequential oracle.
+
+Runs on CPU through Triton's interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``) or on a
+GPU. Shapes are tiny because the interpreter is slow; the interpreter's tiles are small too
+(``CONFIGS["interpret"]``: 8-step time tiles, 16-channel tiles, 4-step sweep chunks), so the list
+below still covers T = 1, odd T, T not a multiple of the tile, several tiles, odd N, N not a
+multiple of the channel tile, B = 1 and 2, resets mid-sequence / at t = 0 / on a tile boundary,
+with and without h0.
+
+Every output and gradient (h, dP, dA, dC, dh0) is compared by max-abs error relative to the
+oracle's max-abs value; fp32 must be within 1e-5, fp16 within 1e-2; NaN never passes.
+"""
+import functools
+
+import pytest
+import torch
+
+from kernels.pararnn import adjoint_backward, available, newton_forward
+from kernels.pararnn.reference import sequential
+
+CELLS = ("gru", "lstm")
+METHODS = ("newton", "sweep")
+K_OF = {"gru": 1, "lstm": 2}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# name: (B, T, N, with h0, reset positions [(b, t), ...])
+CASES = {
+    "T1": (1, 1, 5, True, []),
+    "odd": (2, 21, 20, True, [(0, 7), (1, 0), (1, 16)]),
+    "noh0": (1, 17, 9, False, []),
+    "tiles": (2, 16, 16, False, [(0, 5), (1, 8)]),
+}
+FP16_CASES = ("odd", "noh0")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|got − ref| / max|ref|; fails on NaN/inf in either tensor."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert torch.isfinite(got).all(), "non-finite values in the result"
+    assert torch.isfinite(ref).all(), "non-finite values in the reference"
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def make_inputs(cell: str, case: str, dtype: torch.dtype, seed: int = 0):
+    """Inputs in ``dtype`` (params fp32) and the same values in float64 for the oracle."""
+    B, T, N, with_h0, resets = CASES[case]
+    K = K_OF[cell]
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(B, T, 3, N, generator=g).to(dtype)
+    A = (torch.rand(3, N, generator=g) * 1.8 - 0.9).float()
+    C = (torch.rand(2, N, generator=g) * 1.8 - 0.9).float() if cell == "lstm" else None
+    h0 = (0.5 * torch.randn(B, K, N, generator=g)).float() if with_h0 else None
+    reset = None
+    if resets:
+        reset = torch.zeros(B, T, dtype=torch.bool)
+        for b, t in resets:
+            reset[b, t] = True
+    grad = torch.randn(B, T, K, N, generator=g)
+    return P, A, C, h0, reset, grad
+
+
+@functools.lru_cache(maxsize=None)
+def oracle(cell: str, case: str, dtype: torch.dtype):
+    """float64 sequential trajectory and autograd gradients of ``Σ h·grad`` (inputs rounded to dtype)."""
+    P, A, C, h0, reset, grad = make_inputs(cell, case, dtype)
+    leaves = [P.double().requires_grad_(), A.double().requires_grad_()]
+    C64 = C.double().requires_grad_() if C is not None else None
+    h064 = h0.double().requires_grad_() if h0 is not None else None
+    h = sequential(cell, leaves[0], leaves[1], C64, h064, reset)
+    wrt = leaves + [x for x in (C64, h064) if x is not None]
+    grads = torch.autograd.grad((h * grad.double()).sum(), wrt)
+    dP, dA = grads[0], grads[1]
+    rest = list(grads[2:])
+    dC = rest.pop(0) if C64 is not None else None
+    dh0 = rest.pop(0) if h064 is not None else None
+    return h.detach(), dP, dA, dC, dh0
+
+
+def _dev(x):
+    return None if x is None else x.to(DEVICE)
+
+
+def test_available():
+    assert available()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype,case", [(torch.float32, c) for c in CASES] +
+                         [(torch.float16, c) for c in FP16_CASES],
+                         ids=lambda v: str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
+def test_forward_and_backward(cell, method, dtype, case):
+    P, A, C, h0, reset, grad = make_inputs(cell, case, dtype)
+    h_ref, dP_ref, dA_ref, dC_ref, dh0_ref = oracle(cell, case, dtype)
+    tol = TOL[dtype]
+    h, res = newton_forward(cell, _dev(P), _dev(A), _dev(C), _dev(h0), _dev(reset), 3, True, method=method)
+    assert h.dtype == dtype and tuple(h.shape) == tuple(h_ref.shape)
+    assert res.dim() == 0 and res.dtype == torch.float32
+    assert float(res) <= 1e-5
+    assert rel_err(h, h_ref) <= tol
+    # backward along the oracle's trajectory (the contract: h is treated as exact)
+    dP, dA, dC, dh0 = adjoint_backward(cell, _dev(P), _dev(A), _dev(C), _dev(h0), _dev(reset),
+                                       _dev(h_ref.to(dtype)), _dev(grad.to(dtype)), method=method)
+    assert dP.dtype == dtype and dA.dtype == torch.float32
+    assert rel_err(dP, dP_ref) <= tol
+    assert rel_err(dA, dA_ref) <= tol
+    if cell == "lstm":
+        assert dC.dtype == torch.float32 and rel_err(dC, dC_ref) <= tol
+    else:
+        assert dC is None
+    if h0 is None:
+        assert dh0 is None
+    else:
+        assert dh0.dtype == torch.float32 and rel_err(dh0, dh0_ref) <= tol
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_newton_iterations_converge(cell):
+    """More Newton iterations -> closer to the exact trajectory; 3 reach fp32 accuracy."""
+    P, A, C, h0, reset, _ = make_inputs(cell, "odd", torch.float32)
+    h_ref = oracle(cell, "odd", torch.float32)[0]
+    errs = []
+    for iters in (1, 3):
+        h, res = newton_forward(cell, _dev(P), _dev(A), _dev(C), _dev(h0), _dev(reset), iters, True,
+                                method="newton")
+        errs.append(rel_err(h, h_ref))
+    assert errs[1] <= 1e-5 < errs[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_general_strides(cell, method):
+    """Strided P (time and gate strides), non-contiguous h0/reset/grad and a permuted h."""
+    P, A, C, h0, reset, grad = make_inputs(cell, "odd", torch.float32)
+    B, T, _, N = P.shape
+    K = K_OF[cell]
+    P_big = torch.randn(B, 2 * T, 4, N)
+    P_big[:, ::2, 1:] = P
+    Ps = P_big[:, ::2, 1:]
+    h0s = h0.transpose(1, 2).contiguous().transpose(1, 2)
+    rst_big = torch.zeros(B, T, 2, dtype=torch.bool)
+    rst_big[..., 0] = reset
+    rs = rst_big[..., 0]
+    h_ref, dP_ref, dA_ref, dC_ref, dh0_ref = oracle(cell, "odd", torch.float32)
+    h, _ = newton_forward(cell, _dev(Ps), _dev(A), _dev(C), _dev(h0s), _dev(rs), method=method)
+    assert rel_err(h, h_ref) <= 1e-5
+    g_big = torch.zeros(B, T, K, N + 3)
+    g_big[..., :N] = grad
+    hs = h_ref.float().permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # last dim not contiguous
+    dP, dA, dC, dh0 = adjoint_backward(cell, _dev(Ps), _dev(A), _dev(C), _dev(h0s), _dev(rs), _dev(hs),
+                                       _dev(g_big[..., :N]), method=method)
+    assert rel_err(dP, dP_ref) <= 1e-5
+    assert rel_err(dA, dA_ref) <= 1e-5
+    assert rel_err(dh0, dh0_ref) <= 1e-5
+    if cell == "lstm":
+        assert rel_err(dC, dC_ref) <= 1e-5
+
+
+def test_bad_inputs():
+    P = torch.randn(1, 4, 3, 8)
+    A = torch.randn(3, 8)
+    with pytest.raises(ValueError):
+        newton_forward("rnn", P, A, None, None, None)
+    with pytest.raises(ValueError):
+        newton_forward("lstm", P, A, None, None, None)  # no C
+    with pytest.raises(ValueError):
+        newton_forward("gru", P, A, None, torch.zeros(1, 2, 8), None)  # h0 with K = 2
+    with pytest.raises(ValueError):
+        newton_forward("gru", P, A, None, None, torch.zeros(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError):
+        newton_forward("gru", P, A, None, None, None, method="magic")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_model_triton_mode_matches_sequential(cell):
+    """``models.pararnn`` cells: mode="triton" (these kernels) vs a float64 sequential copy."""
+    pararnn = pytest.importorskip("models.pararnn")
+    import copy
+
+    cls = pararnn.ParaGRU if cell == "gru" else pararnn.ParaLSTM
+    torch.manual_seed(1)
+    B, T, D, N = 2, 19, 16, 16
+    K = K_OF[cell]
+    m32 = cls(D, N, num_heads=2, mode="triton").to(DEVICE)
+    m64 = copy.deepcopy(m32).double()
+    m64.mode = "sequential"
+    x = torch.randn(B, T, D, device=DEVICE)
+    state = 0.5 * torch.randn(B, K * N, device=DEVICE)
+    reset = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    reset[1, 9] = True
+    w = torch.randn(B, T, N, device=DEVICE)
+    outs = []
+    for m, dt in ((m32, torch.float32), (m64, torch.float64)):
+        xx = x.to(dt).requires_grad_()
+        ss = state.to(dt).requires_grad_()
+        y = m(xx, state=ss, reset=reset)
+        params = [p for _, p in sorted(m.named_parameters())]
+        grads = torch.autograd.grad((y * w.to(dt)).sum(), [xx, ss] + params)
+        outs.append((y, grads))
+    (y32, g32), (y64, g64) = outs
+    assert rel_err(y32, y64) <= 1e-5
+    for a, b in zip(g32, g64):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_pick_method_rule():
+    from kernels.pararnn import pick_method
+
+    assert pick_method("gru", 8, 2048, 1024, "fwd") == "newton"
+    assert pick_method("gru", 8, 2048, 2048, "fwd") == "sweep"
+    assert pick_method("lstm", 1, 4096, 256, "fwd") == "sweep"
+    assert pick_method("gru", 16, 2048, 1024, "bwd") == "newton"
+    assert pick_method("lstm", 4, 2048, 1024, "bwd") == "newton"
+    assert pick_method("lstm", 8, 2048, 1024, "bwd") == "sweep"
