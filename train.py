@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from training.config import REPO_ROOT, ConfigError, ModelConfig, TrainerConfig, WandbConfig, check_trainer, to_dataclass
+from training.preemption import EXIT_REQUEUE, Preempted, Preemption
 
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 
@@ -44,7 +45,9 @@ def make_accelerator(t: TrainerConfig):
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     from training.distributed import strategy_plugins
 
-    return Accelerator(cpu=not use_cuda, mixed_precision="bf16" if precision == "bf16" else "no",
+    # cpu=True would make accelerate ignore the DeepSpeed plugin; without CUDA the device is the CPU anyway.
+    cpu = not use_cuda and t.strategy != "deepspeed"
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no",
                        gradient_accumulation_steps=t.grad_accum, **strategy_plugins(t), **kwargs)
 
 
@@ -85,6 +88,10 @@ def validate(accelerator, model, batches, byte_lengths) -> dict:
             "val_tokens": result["tokens"]}
 
 
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite losses in a row (``trainer.max_nonfinite_steps``)."""
+
+
 class TrainState:
     """Progress counters saved with every checkpoint (registered with accelerate as a custom object)."""
 
@@ -105,6 +112,7 @@ def train(cfg: DictConfig) -> dict:
     from data import PackedStream, load_tokenizer, token_byte_lengths, validation_batches
     from eval.export import export_hf
     from training.checkpoint import Checkpointer
+    from training.distributed import peak_memory, prepare, shard, sharded_state
     from training.metrics import MetricsLogger
     from training.optim import build_optimizer, build_scheduler
 
@@ -120,10 +128,12 @@ def train(cfg: DictConfig) -> dict:
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(run.data.tokenizer)
-    model = build_model(run, len(tokenizer))
+    with torch.device(accelerator.device):
+        model = build_model(run, len(tokenizer))
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
+    model = shard(accelerator, model, t)  # FSDP2: fully_shard per block + root; other strategies: as is
     optimizer = build_optimizer(model, run.lr, run.weight_decay, t.betas, t.eps)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     stream = PackedStream(run.data, tokenizer, micro_batch, accelerator.process_index, accelerator.num_processes)
@@ -131,19 +141,21 @@ def train(cfg: DictConfig) -> dict:
                                      accelerator.num_processes)[: t.val_batches]
     byte_lengths = token_byte_lengths(tokenizer)
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer, t, micro_batch)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
-    checkpointer = Checkpointer(accelerator, os.path.join(run.run_dir, "checkpoints"), t.keep_last)
+    checkpointer = Checkpointer(accelerator, os.path.join(run.run_dir, "checkpoints"), t.keep_last,
+                                sharded=sharded_state(model, optimizer, t))
     latest = checkpointer.latest()
     if latest:
-        stream.load_state_dict(checkpointer.load(latest))
+        checkpointer.load(latest, stream)
         accelerator.print(f"resumed from {latest} (step {state.step}, {state.tokens:,} tokens)")
     logger = MetricsLogger(run.run_dir, main, run.wandb, OmegaConf.to_container(cfg, resolve=True), state.step)
     raw_model = accelerator.unwrap_model(model)
     tracks_residual = hasattr(raw_model, "track_newton_residual")
     tokens_per_step = t.batch_size * run.data.seq_len
 
+    preemption = Preemption()  # SIGTERM / SIGUSR1: checkpoint at the end of the current step, then stop
     progress = tqdm(total=t.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
@@ -173,8 +185,8 @@ def train(cfg: DictConfig) -> dict:
                         state.nonfinite_total += 1
                     optimizer.zero_grad(set_to_none=True)
         if state.nonfinite_in_row >= t.max_nonfinite_steps:
-            raise RuntimeError(f"stopping: {state.nonfinite_in_row} non-finite losses in a row at step {state.step} "
-                               f"(lower the learning rate or check the data)")
+            raise NonFiniteLoss(f"stopping: {state.nonfinite_in_row} non-finite losses in a row at step {state.step} "
+                                f"(lower the learning rate or check the data)")
         scheduler.step()
         state.step += 1
         state.tokens += tokens_per_step
@@ -186,7 +198,8 @@ def train(cfg: DictConfig) -> dict:
             record = {"step": state.step, "tokens": state.tokens, "loss": loss.item(),
                       "z_loss": accelerator.reduce(z_sum / t.grad_accum, reduction="mean").item(),
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_s": window_tokens / elapsed, "nonfinite_steps": state.nonfinite_total}
+                      "tokens_per_s": window_tokens / elapsed, "nonfinite_steps": state.nonfinite_total,
+                      **peak_memory(accelerator.device)}
             residual = raw_model.newton_residual() if tracks_residual else None
             if residual is not None:
                 record["newton_residual"] = accelerator.reduce(residual.float(), reduction="max").item()
@@ -197,15 +210,21 @@ def train(cfg: DictConfig) -> dict:
             metrics = validate(accelerator, model, val_batches, byte_lengths)
             logger.log({"split": "validation", "step": state.step, "tokens": state.tokens, **metrics})
             progress.write(f"step {state.step}: val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.2f}")
-        if state.step % t.ckpt_every == 0 or state.step == t.max_steps:
+        stop = preemption.requested(accelerator.device)  # collective: every rank stops after the same step
+        if stop or state.step % t.ckpt_every == 0 or state.step == t.max_steps:
             checkpointer.save(state.step, stream.state_dict())
+        if stop:
+            logger.close()
+            raise Preempted(f"stopped by a signal after step {state.step}; checkpoint written, re-run to resume")
     progress.close()
+    preemption.close()
     if tracks_residual:
         raw_model.track_newton_residual(False)
 
     final = validate(accelerator, model, val_batches, byte_lengths)
     summary = {"model": run.model.name, "arch": run.model.arch, "params": n_params, "step": state.step,
-               "tokens": state.tokens, **final, "run_dir": run.run_dir}
+               "tokens": state.tokens, **final, "run_dir": run.run_dir, "strategy": t.strategy,
+               "world_size": accelerator.num_processes}
     hf_dir = os.path.join(run.run_dir, "hf")
     export_hf(accelerator, model, tokenizer, hf_dir)
     if main:
@@ -237,6 +256,12 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except Preempted as err:
+        print(err, file=sys.stderr)
+        sys.exit(EXIT_REQUEUE)
     if summary.get("hf"):
         print(f"\nvalidation loss {summary['val_loss']:.4f}  perplexity {summary['val_ppl']:.2f}  "
               f"bits/byte {summary['val_bpb']:.4f}  ({summary['tokens']:,} tokens, {summary['params']:,} params)")

@@ -7,21 +7,30 @@ At the end of training ``train.py`` calls :func:`export_hf` on the live model. F
 
 Transformer and Mamba2 exports load with plain transformers; ParaRNN exports carry their modeling
 code (pure torch) and load with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
-Sharded checkpoints (FSDP2, DeepSpeed ZeRO) are consolidated into one state dict first.
+Sharded checkpoints (FSDP2's DCP directory ``model_optim/``, DeepSpeed ZeRO's ``pytorch_model/``) are
+consolidated into one fp32 state dict first, on the CPU, without any process group.
 """
 import argparse
 import os
 import sys
-import tempfile
+import warnings
 
 import torch
+
+from training.distributed import SHARDED_DIR
 
 
 def export_hf(accelerator, model, tokenizer, out_dir: str) -> None:
     """Save the (possibly sharded or wrapped) training model as an HF directory, on the main process."""
-    state_dict = accelerator.get_state_dict(model)  # gathers shards; every rank must call it
+    from training.distributed import full_state_dict, is_sharded, plain_model
+
+    state_dict = full_state_dict(accelerator, model)  # gathers shards; every rank must call it
     if accelerator.is_main_process:
-        save_hf(accelerator.unwrap_model(model), state_dict, tokenizer, out_dir)
+        model = accelerator.unwrap_model(model)
+        if is_sharded(model):  # save_pretrained needs the model class, not FSDP's wrapper class
+            model = plain_model(model)
+            model.load_state_dict(state_dict, assign=True)
+        save_hf(model, state_dict, tokenizer, out_dir)
     accelerator.wait_for_everyone()
 
 
@@ -39,18 +48,18 @@ def load_checkpoint_state(checkpoint: str) -> dict:
     single = os.path.join(checkpoint, "model.safetensors")
     if os.path.exists(single):
         return load_file(single)
-    fsdp = os.path.join(checkpoint, "pytorch_model_fsdp_0")
-    if os.path.isdir(fsdp):
-        from accelerate.utils import merge_fsdp_weights
+    dcp_dir = os.path.join(checkpoint, SHARDED_DIR)
+    if os.path.isdir(dcp_dir):  # FSDP2: read only the model's entries of the DCP checkpoint
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-        with tempfile.TemporaryDirectory() as tmp:
-            merge_fsdp_weights(fsdp, tmp, safe_serialization=True)
-            return load_file(os.path.join(tmp, "model.safetensors"))
-    if os.path.isdir(os.path.join(checkpoint, "pytorch_model")):
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+            return _load_state_dict_from_keys({"model"}, checkpoint_id=dcp_dir)["model"]
+    if os.path.isdir(os.path.join(checkpoint, "pytorch_model")):  # DeepSpeed ZeRO: fp32 master weights
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="pytorch_model")
-    raise FileNotFoundError(f"{checkpoint}: no model weights found (model.safetensors, pytorch_model_fsdp_0/ "
+    raise FileNotFoundError(f"{checkpoint}: no model weights found (model.safetensors, {SHARDED_DIR}/ "
                             f"or pytorch_model/)")
 
 

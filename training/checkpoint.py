@@ -1,10 +1,16 @@
 """Checkpoints under ``run_dir/checkpoints/step_NNNNNNN``: written atomically, verified on load.
 
 A checkpoint is first written to a ``.tmp`` directory (model, optimizer, scheduler, RNG and custom
-state through ``accelerate``'s ``save_state``, plus one data-stream state per rank), then a manifest
-listing every file and its size, then renamed into place. Loading takes the newest checkpoint whose
-manifest matches its files; a partial or corrupted one is skipped with a warning. Only the last
-``keep_last`` checkpoints are kept.
+state through ``accelerate``'s ``save_state``; an FSDP2 model and optimizer as a DCP directory, see
+:mod:`training.distributed`; one data-stream state per rank), then a manifest listing every file and
+its size, then renamed into place. Loading takes the newest checkpoint whose manifest matches its
+files; a partial or corrupted one is skipped with a warning. Only the last ``keep_last`` checkpoints
+are kept.
+
+A checkpoint written by another number of processes restores model, optimizer, schedule and progress
+(single, DDP and FSDP2 checkpoints reshard; DeepSpeed ZeRO ones refuse) and restarts the data streams
+from the beginning of the training data, with a warning: per-rank data positions do not map to
+another world size.
 """
 import json
 import os
@@ -13,6 +19,10 @@ import warnings
 from typing import Optional
 
 import torch
+from accelerate.utils import DistributedType
+
+from data.pipeline import ConfigError
+from training.distributed import SHARDED_DIR
 
 MANIFEST = "manifest.json"
 
@@ -51,11 +61,23 @@ def list_checkpoints(root: str) -> list:
 
 
 class Checkpointer:
-    def __init__(self, accelerator, root: str, keep_last: int):
-        self.accelerator, self.root, self.keep_last = accelerator, root, keep_last
+    """``sharded``: an extra component with ``save(dir)`` / ``load(dir)`` for state accelerate does not
+    hold (FSDP2's model and optimizer: :func:`training.distributed.sharded_state`), or None."""
+
+    def __init__(self, accelerator, root: str, keep_last: int, sharded=None):
+        self.accelerator, self.root, self.keep_last, self.sharded = accelerator, root, keep_last, sharded
 
     def latest(self) -> Optional[str]:
-        """The newest complete checkpoint; newer incomplete ones are reported and skipped."""
+        """The newest complete checkpoint; newer incomplete ones are reported and skipped. Chosen by the
+        main process and broadcast, so every rank loads the same one."""
+        acc = self.accelerator
+        if acc is not None and acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            return broadcast_object_list([self._latest() if acc.is_main_process else None], from_process=0)[0]
+        return self._latest()
+
+    def _latest(self) -> Optional[str]:
         for path in reversed(list_checkpoints(self.root)):
             if is_complete(path):
                 return path
@@ -70,6 +92,8 @@ class Checkpointer:
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(tmp)
+        if self.sharded is not None:
+            self.sharded.save(os.path.join(tmp, SHARDED_DIR))
         torch.save(data_state, os.path.join(tmp, f"data_rank{acc.process_index}.pt"))
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -83,12 +107,21 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
-    def load(self, path: str) -> dict:
-        """Restore everything registered with the accelerator; returns this rank's data-stream state."""
+    def load(self, path: str, stream) -> None:
+        """Restore everything registered with the accelerator (and ``sharded``), and ``stream``'s position."""
         acc = self.accelerator
+        with open(os.path.join(path, MANIFEST)) as f:
+            saved_world = json.load(f).get("world_size", acc.num_processes)
+        if saved_world != acc.num_processes and acc.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError(f"{path} was written by {saved_world} processes; DeepSpeed ZeRO checkpoints resume "
+                              f"only on the same number of processes (now {acc.num_processes})")
         acc.load_state(path)
-        data_file = os.path.join(path, f"data_rank{acc.process_index}.pt")
-        if not os.path.exists(data_file):
-            raise RuntimeError(f"{path} has no data state for rank {acc.process_index}: it was written with a "
-                               f"different world size; resume on the same number of processes")
-        return torch.load(data_file, weights_only=False)
+        if self.sharded is not None:
+            self.sharded.load(os.path.join(path, SHARDED_DIR))
+        if saved_world != acc.num_processes:
+            if acc.is_main_process:
+                warnings.warn(f"{path} was written by {saved_world} processes, resumed on {acc.num_processes}: "
+                              f"model, optimizer and schedule are restored; the data streams restart from the "
+                              f"beginning of the training data (per-rank positions do not map to another world size)")
+            return
+        stream.load_state_dict(torch.load(os.path.join(path, f"data_rank{acc.process_index}.pt"), weights_only=False))

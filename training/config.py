@@ -25,7 +25,8 @@ class ModelConfig:
 class TrainerConfig:
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    strategy: str = "single"          # single | ddp | fsdp2 | deepspeed
+    strategy: str = "single"          # single | ddp | fsdp2 | deepspeed (see training/distributed.py)
+    zero_stage: int = 2               # DeepSpeed ZeRO stage (strategy=deepspeed)
     batch_size: int = 8               # sequences per optimizer step, over all ranks
     grad_accum: int = 1
     max_steps: int = 300
@@ -60,6 +61,7 @@ _CHOICES = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "bf16", "fp32"),
     "trainer.strategy": ("single", "ddp", "fsdp2", "deepspeed"),
+    "trainer.zero_stage": (1, 2, 3),
     "wandb.mode": ("disabled", "offline", "online"),
 }
 
