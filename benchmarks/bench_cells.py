@@ -10,7 +10,8 @@ Sections (flags; default: all):
   launch configuration (bf16 P, B = 8), with registers/spills of each compiled kernel.
 * ``--cells``: the whole cell (input projection GEMM + kernels + projection backward) forward and
   forward+backward, bf16, B = 8, H = 2: ``models.pararnn`` in mode "triton" and "parallel" (torch),
-  and the lean ``kernels.pararnn.cell_fn`` variant; GEMM-only rows; peak memory.
+  variants ``models.<mode>[:recompute]`` (``:recompute``: ``save_projection = False``, P recomputed
+  in the backward); GEMM-only rows (the cell's projection and its closed-form backward); peak memory.
 * ``--errors``: whole-cell errors of y and every gradient against a float32 sequential run
   (``models.pararnn`` mode "sequential", same weights) at B8·T2048·N1024; times that run once.
 
@@ -36,7 +37,6 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from kernels.pararnn import adjoint_backward, api, newton_forward  # noqa: E402
-from kernels.pararnn.cell_fn import cell_apply, project, project_backward  # noqa: E402
 from kernels.pararnn.reference import sequential  # noqa: E402
 
 # Reference parallel_FUSED (Apple ml-pararnn) on one H200, bf16, B = 8 (docs/reference-h200.md).
@@ -313,6 +313,17 @@ def kernel_variants(cell, T, N, full, B=None):
 
 
 # ============================================================================================ cells
+def _set_variant(m, name):
+    """``models.<mode>[:recompute]``: the cell in that mode; ``:recompute`` sets ``save_projection=False``."""
+    from models.pararnn import MODES
+    base, _, opt = name.partition(":")
+    pkg, _, mode = base.partition(".")
+    if pkg != "models" or mode not in MODES or opt not in ("", "recompute"):
+        raise ValueError(f"unknown cell variant {name!r}: expected models.<{'|'.join(MODES)}>[:recompute]")
+    m.mode = mode
+    m.save_projection = opt != "recompute"
+
+
 def _model(cell, N, dtype, mode):
     from models.pararnn import ParaGRU, ParaLSTM
     cls = ParaGRU if cell == "gru" else ParaLSTM
@@ -340,29 +351,15 @@ def cell_rows(cell, T, N, variants, dtype=None, B=None, graphs=True):
     x = torch.randn(B, T, N, device=DEV, dtype=dtype, requires_grad=True)
     gy = torch.randn(B, T, N, device=DEV, dtype=dtype)
     params = list(m.parameters())
+    def fwd():
+        with torch.no_grad():
+            return m(x)
+
+    def fwdbwd():
+        m(x).backward(gy)
+
     for name in variants:
-        if name in ("models.triton", "models.parallel"):
-            m.mode = name.split(".")[1]
-
-            def fwd():
-                with torch.no_grad():
-                    return m(x)
-
-            def fwdbwd():
-                m(x).backward(gy)
-        else:  # cell_fn:<proj>:<save_P>:<method>
-            _, proj, saveP, meth = name.split(":")
-            meth = None if meth == "auto" else meth
-            Cp = m.C if cell == "lstm" else None
-
-            def fwd(proj=proj, saveP=saveP, meth=meth, Cp=Cp):
-                with torch.no_grad():
-                    return cell_apply(cell, x, m.B, m.b, m.A, Cp, proj=proj, save_P=saveP == "P",
-                                      method_fwd=meth, method_bwd=meth)
-
-            def fwdbwd(proj=proj, saveP=saveP, meth=meth, Cp=Cp):
-                cell_apply(cell, x, m.B, m.b, m.A, Cp, proj=proj, save_P=saveP == "P",
-                           method_fwd=meth, method_bwd=meth).backward(gy)
+        _set_variant(m, name)
         fwd()
         fwdbwd()
         t_f = bench(fwd)
@@ -386,17 +383,15 @@ def cell_rows(cell, T, N, variants, dtype=None, B=None, graphs=True):
 @guarded("gemm")
 def gemm_rows(T, N, B=None, dtype=None):
     dtype, B = dtype or LOWP, B or BATCH
-    H = HEADS
+    m = _model("gru", N, dtype, "triton")  # the projection is the same for both cells
     x = torch.randn(B, T, N, device=DEV, dtype=dtype)
-    Bw = torch.randn(H, N // H, 3, N // H, device=DEV, dtype=dtype) * 0.05
-    bb = torch.randn(3, N, device=DEV, dtype=dtype)
     dP = torch.randn(B, T, 3, N, device=DEV, dtype=dtype)
-    for impl in ("addmm", "einsum"):
-        t1 = bench(lambda: project(x, Bw, bb, impl))
-        t2 = bench(lambda: project_backward(x, Bw, dP, impl))
-        row = {"T": T, "N": N, "impl": impl, "proj_fwd_ms": t1, "proj_bwd_ms": t2}
-        RESULTS["cells"].append({"gemm": row})
-        log(f"gemm T{T} N{N} {impl:6s} proj fwd {t1:.3f} ms  proj bwd (dx, dB, db) {t2:.3f} ms")
+    with torch.no_grad():
+        t1 = bench(lambda: m.project(x, m.B, m.b))
+        t2 = bench(lambda: m.project_backward(x, m.B, dP))
+    row = {"T": T, "N": N, "impl": "models.pararnn einsum", "proj_fwd_ms": t1, "proj_bwd_ms": t2}
+    RESULTS["cells"].append({"gemm": row})
+    log(f"gemm T{T} N{N} {row['impl']} proj fwd {t1:.3f} ms  proj bwd (dx, dB, db) {t2:.3f} ms")
     save()
 
 
@@ -411,11 +406,11 @@ def profile_rows(cell, T, N, variants, B=None):
     m = _model(cell, N, LOWP, "triton")
     x = torch.randn(B, T, N, device=DEV, dtype=LOWP, requires_grad=True)
     gy = torch.randn(B, T, N, device=DEV, dtype=LOWP)
+    def fb():
+        m(x).backward(gy)
+
     for name in variants:
-        if name == "models.triton":
-            fb = lambda: m(x).backward(gy)  # noqa: E731
-        else:
-            fb = lambda: cell_apply(cell, x, m.B, m.b, m.A, m.C if cell == "lstm" else None).backward(gy)  # noqa: E731
+        _set_variant(m, name)
         for _ in range(3):
             fb()
         torch.cuda.synchronize()
@@ -508,7 +503,8 @@ def main():
     ap.add_argument("--cell", default="gru,lstm")
     ap.add_argument("--shapes", default=",".join(f"{t}x{n}" for t, n in SHAPES))
     ap.add_argument("--dry", action="store_true", help="CPU interpreter dry run with tiny shapes")
-    ap.add_argument("--cell-variants", default="models.triton,cell_fn:auto:P:auto")
+    ap.add_argument("--cell-variants", default="models.triton",
+                    help="comma-separated models.<mode>[:recompute] (recompute: save_projection=False)")
     args = ap.parse_args()
     if not (args.check or args.kernels or args.cells or args.errors):
         args.check = args.kernels = args.cells = args.errors = True
@@ -557,8 +553,7 @@ def main():
     if args.cells:
         gemm_rows(*MAIN)
         for cell in cells:
-            cell_rows(cell, *MAIN, args.cell_variants.split(",") + ["cell_fn:einsum:P:auto", "cell_fn:addmm:P:auto",
-                                                                    "cell_fn:auto:R:auto"])
+            cell_rows(cell, *MAIN, args.cell_variants.split(",") + ["models.triton:recompute"])
             cell_rows(cell, *MAIN, ["models.parallel"], graphs=False)
             cell_rows(cell, *MAIN, ["models.triton"], dtype=torch.float32)
         for T, N in shapes:
@@ -567,7 +562,7 @@ def main():
             for cell in cells:
                 cell_rows(cell, T, N, args.cell_variants.split(","))
         log(f"-- cells done {time.time() - t_start:.0f}s")
-        profile_rows("gru", 512, 1024, ["models.triton", "cell_fn"])
+        profile_rows("gru", 512, 1024, ["models.triton"])
         log(f"-- profile done {time.time() - t_start:.0f}s")
     if args.errors:
         for cell in cells:

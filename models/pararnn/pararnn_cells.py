@@ -9,7 +9,8 @@ Three ways to apply it (``mode``):
   recurrence ``δ_t = J_t δ_{t-1} + r_t`` with the work-efficient scan of :mod:`pararnn_scan`. It is a
   ``torch.autograd.Function``: the forward builds no graph; the backward solves the adjoint recurrence
   ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}`` with one reverse scan and forms the input, parameter and initial-state
-  gradients from λ in closed form. Only ``x`` and the state trajectory are saved.
+  gradients from λ in closed form (the projection's too: dx, dB, db are einsums of dP, no autograd).
+  Saved: ``x``, the state trajectory and, if ``save_projection`` (default), the projection P.
 * ``"triton"``: the same Function with the fused Triton kernels of ``kernels.pararnn`` (repository
   only; exported checkpoints ship this file without them and fall back to ``"parallel"``).
 
@@ -81,6 +82,9 @@ class ParaRNNCell(nn.Module):
     num_gates = 3
     state_blocks = 1
     kernel_name: Optional[str] = None
+    # Parallel modes: keep P for the backward (G·N values per token, vs D_in for x) or recompute it
+    # there (one more GEMM). Set False on an instance for memory-bound large models.
+    save_projection = True
 
     def __init__(self, input_dim: int, state_dim: int, num_heads: int = 2, mode: str = "parallel",
                  newton_iters: int = 3, newton_tol: float = 0.0, clip: Optional[float] = None,
@@ -164,6 +168,29 @@ class ParaRNNCell(nn.Module):
         xh = x.reshape(*x.shape[:-1], H, self.input_dim // H)
         P = torch.einsum("...hd,hdgn->...ghn", xh, B.to(x.dtype))
         return P.reshape(*x.shape[:-1], G, self.state_dim) + b.to(P.dtype)
+
+    def project_backward(self, x: Optional[Tensor], B: Tensor, dP: Tensor,
+                         needs: tuple = (True, True, True)) -> tuple:
+        """Gradients of :meth:`project` in closed form: ``(dx, dB, db)`` from ``dP [..., T, G, N]``.
+
+        ``needs`` says which of the three to form (the others are None; x is used only for dB). The
+        GEMMs run in the dtype autograd through :meth:`project` would use (dP's, under the caller's
+        autocast state), db is summed in fp32 (fp64 for fp64). The results come in those dtypes; the
+        caller casts them to the input/parameter dtypes. A subclass that overrides :meth:`project`
+        must override this too.
+        """
+        H, G = self.num_heads, self.num_gates
+        Nh, Dh = self.state_dim // H, self.input_dim // H
+        lead = dP.shape[:-2]
+        dP = dP.reshape(-1, G, H, Nh)  # rows m = (batch, t); channel n = head·(N/H) + j
+        dx = dB = db = None
+        if needs[0]:
+            dx = torch.einsum("mghj,hdgj->mhd", dP, B.to(dP.dtype)).reshape(*lead, self.input_dim)
+        if needs[1]:
+            dB = torch.einsum("mhd,mghj->hdgj", x.reshape(-1, H, Dh).to(dP.dtype), dP)
+        if needs[2]:
+            db = dP.sum(0, dtype=_compute_dtype(dP.dtype)).reshape(G, self.state_dim)
+        return dx, dB, db
 
     @staticmethod
     def transition(h: Tensor, p: Tensor, *rp: Tensor) -> Tensor:
@@ -350,7 +377,18 @@ def _interpreting() -> bool:
 
 
 class _NewtonApply(torch.autograd.Function):
-    """Parallel application of a cell: Newton forward, adjoint-scan backward (torch or Triton)."""
+    """Parallel application of a cell: Newton forward, adjoint-scan backward (torch or Triton).
+
+    The backward gets ``dP`` (and the recurrent-parameter and initial-state gradients) from the adjoint
+    scan, then forms ``dx``, ``dB`` and ``db`` from ``dP`` in closed form
+    (:meth:`ParaRNNCell.project_backward`: two einsums and a sum, no autograd), each only if needed.
+
+    Memory: saved are ``x`` (for dB, or to recompute P), the trajectory h, ``h0``, ``reset``, the
+    parameters and, if ``cell.save_projection`` (default), the projection ``P``: G·N = 3N values per
+    token against D_in for x, i.e. about 3× the activation memory of x, to spare the backward one
+    projection GEMM. With ``save_projection = False`` the backward recomputes P with one einsum (no
+    autograd graph), for memory-bound large models.
+    """
 
     @staticmethod
     def forward(ctx, cell, backend, x, h0, reset, B, b, *rp):
@@ -367,7 +405,9 @@ class _NewtonApply(torch.autograd.Function):
             h, residual = cell._newton(P.to(dtype), rp32, None if h0 is None else h0.to(dtype), keep)
         h = h.to(x.dtype)
         ctx.cell, ctx.backend = cell, backend
-        ctx.save_for_backward(x, h0, reset, B, b, h, *rp)
+        save_P = bool(cell.save_projection)
+        need_x = ctx.needs_input_grad[5] or not save_P  # x: for dB, or to recompute P
+        ctx.save_for_backward(x if need_x else None, P if save_P else None, h0, reset, B, b, h, *rp)
         if residual is None:
             residual = torch.full((), float("nan"), device=x.device)
         ctx.mark_non_differentiable(residual)
@@ -375,23 +415,29 @@ class _NewtonApply(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_h, _grad_residual):
-        x, h0, reset, B, b, h, *rp = ctx.saved_tensors
+        x, P, h0, reset, B, b, h, *rp = ctx.saved_tensors
         cell, backend = ctx.cell, ctx.backend
-        dtype = _compute_dtype(x.dtype)
+        dtype = _compute_dtype(h.dtype)  # h.dtype == x.dtype
         device_type, autocast_dtype, autocast = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast):
-            xg, Bg, bg = x.detach().requires_grad_(), B.detach().requires_grad_(), b.detach().requires_grad_()
-            P = cell.project(xg, Bg, bg)
-        rp32 = tuple(r.detach().to(dtype) for r in rp)
+        amp = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast)
+        if P is None:
+            with torch.no_grad(), amp:
+                P = cell.project(x, B, b)
+        rp32 = tuple(r.to(dtype) for r in rp)
         if backend is not None:
-            dP, dA, dC, dh0 = backend.adjoint_backward(cell.kernel_name, P.detach(), *_kernel_params(rp32),
+            dP, dA, dC, dh0 = backend.adjoint_backward(cell.kernel_name, P, *_kernel_params(rp32),
                                                        h0, reset, h, grad_h)
             drp = (dA,) if dC is None else (dA, dC)
         else:
             keep = None if reset is None else (~reset).to(dtype)[:, :, None, None]
-            dP, drp, dh0 = cell._adjoint(P.detach().to(dtype), rp32, None if h0 is None else h0.to(dtype),
+            dP, drp, dh0 = cell._adjoint(P.to(dtype), rp32, None if h0 is None else h0.to(dtype),
                                          keep, h.to(dtype), grad_h.to(dtype))
-        dx, dB, db = torch.autograd.grad(P, (xg, Bg, bg), dP.to(P.dtype))
+        needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[5], ctx.needs_input_grad[6])
+        with amp:  # the projection GEMMs in the activation dtype P had in the forward
+            dx, dB, db = cell.project_backward(x, B, dP.to(P.dtype), needs)
+        dx = None if dx is None else dx.to(h.dtype)
+        dB = None if dB is None else dB.to(B.dtype)
+        db = None if db is None else db.to(b.dtype)
         dh0 = None if dh0 is None or not ctx.needs_input_grad[3] else dh0.to(h0.dtype)
         drp = tuple(d.to(r.dtype) for d, r in zip(drp, rp))
         return (None, None, dx, dh0, None, dB, db, *drp)
