@@ -13,16 +13,22 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARAGRU = ["model=paragru_tiny", "model.config.hidden_size=32", "model.config.num_hidden_layers=1"]
 TINY = [
-    "model=paragru_tiny", "model.config.hidden_size=32", "model.config.num_hidden_layers=1",
     "data.seq_len=32", "data.validation_rows=8", "trainer.batch_size=4", "trainer.max_steps=8",
     "trainer.warmup_steps=2", "trainer.log_every=1", "trainer.val_every=4", "trainer.val_batches=2",
     "trainer.ckpt_every=2", "trainer.keep_last=10",
 ]
 
 
+def train_cmd(run_dir, overrides):
+    """train.py on a tiny ParaGRU unless ``overrides`` pick another ``model=`` preset."""
+    model = [] if any(o.startswith("model=") for o in overrides) else PARAGRU
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *model, *TINY, *overrides]
+
+
 def run_train(run_dir, *overrides, check=True, **kwargs):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *TINY, *overrides]
+    cmd = train_cmd(run_dir, overrides)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
     if check and proc.returncode != 0:
@@ -59,26 +65,71 @@ def test_uninterrupted_run_writes_every_output(uninterrupted):
     assert any(r is not None and r < 1e-4 for r in residuals)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["kill_after_checkpoint"])
-def test_killed_run_resumes_to_identical_losses(uninterrupted, tmp_path, how):
-    full_dir, _ = uninterrupted
-    run_dir = tmp_path / "killed"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *TINY]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+def kill_after_checkpoint(run_dir, step, *overrides):
+    """Start train.py, SIGKILL it as soon as the checkpoint of ``step`` is complete, then re-run it."""
+    proc = subprocess.Popen(train_cmd(run_dir, overrides), cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = run_dir / "checkpoints" / "step_0000004" / "manifest.json"
+    marker = run_dir / "checkpoints" / f"step_{step:07d}" / "manifest.json"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert marker.exists(), "the run never wrote its step-4 checkpoint"
+    assert marker.exists(), f"the run never wrote its step-{step} checkpoint"
     assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
-    resumed = run_train(run_dir)
+    resumed = run_train(run_dir, *overrides)
     assert "resumed from" in resumed.stdout + resumed.stderr
+    return resumed
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_losses(uninterrupted, tmp_path):
+    full_dir, _ = uninterrupted
+    run_dir = tmp_path / "killed"
+    kill_after_checkpoint(run_dir, 4)
     expected, got = train_losses(full_dir), train_losses(run_dir)
     assert got == expected  # bit-exact on CPU: same data, same RNG, same optimizer state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, hf_class", [("transformer_tiny", "LlamaForCausalLM"),
+                                              ("mamba2_tiny", "Mamba2ForCausalLM")])
+def test_baseline_trains_resumes_and_exports(tmp_path, preset, hf_class):
+    """Each baseline through the same spine: train, kill + resume bit-exactly, export to a plain HF class."""
+    model = [f"model={preset}", "trainer.max_steps=6"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_train(full, *model)
+    kill_after_checkpoint(killed, 2, *model)
+    assert train_losses(killed) == train_losses(full)
+
+    import torch
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from models.registry import build_model
+    cfg = OmegaConf.load(full / "config.yaml")
+    trained = build_model(cfg.model.arch, OmegaConf.to_container(cfg.model.config), 50257).eval()
+    trained.load_state_dict(load_file(full / "checkpoints" / "step_0000006" / "model.safetensors"))
+    ids = torch.randint(0, 50257, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": trained(input_ids=ids).logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import importlib.util, torch
+        assert importlib.util.find_spec("models") is None, "the repo must not be importable here"
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained("{full}/hf").eval()
+        ref = torch.load("{tmp_path}/expected.pt")
+        with torch.no_grad():
+            logits = model(ref["ids"], use_cache=False).logits
+        err = ((logits.float() - ref["logits"].float()).norm() / ref["logits"].float().norm()).item()
+        assert err < 1e-5, err
+        print("OK", type(model).__name__)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"OK {hf_class}" in proc.stdout
 
 
 @pytest.mark.slow
