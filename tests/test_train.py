@@ -27,9 +27,9 @@ def train_cmd(run_dir, overrides):
     return [sys.executable, os.path.join(ROOT, "train.py"), f"run_dir={run_dir}", *model, *TINY, *overrides]
 
 
-def run_train(run_dir, *overrides, check=True, **kwargs):
+def run_train(run_dir, *overrides, check=True, env=None, **kwargs):
     cmd = train_cmd(run_dir, overrides)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -183,6 +183,15 @@ def test_command_line_overrides_reach_the_run(tmp_path):
     assert cfg.trainer.max_steps == 2 and cfg.model.config.num_heads == 4 and cfg.seed == 7
     assert json.load(open(run_dir / "summary.json"))["model"] == "renamed"
     assert json.load(open(run_dir / "hf" / "config.json"))["num_heads"] == 4
+
+
+@pytest.mark.slow
+def test_wandb_offline_by_config(tmp_path):
+    run_dir = tmp_path / "wandb"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    run_train(run_dir, "trainer.max_steps=2", "trainer.ckpt_every=2", "wandb.mode=offline", env=env)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert runs, os.listdir(run_dir)
 
 
 @pytest.mark.slow
