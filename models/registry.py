@@ -51,8 +51,9 @@ def build_config(arch: str, config: dict, vocab_size: int | None = None) -> Pret
 
 def build_model(arch: str, config: dict, vocab_size: int | None = None) -> PreTrainedModel:
     """Build a freshly initialised model of ``arch``."""
-    _, model_cls = _ARCHS[arch]() if arch in _ARCHS else (None, None)
-    return model_cls(build_config(arch, config, vocab_size))
+    config = build_config(arch, config, vocab_size)  # checks arch and kwargs first
+    _, model_cls = _ARCHS[arch]()
+    return model_cls(config)
 
 
 @register_arch("pararnn")
