@@ -8,7 +8,12 @@ Each layer is an RNN block followed by an MLP block (spec §5.1)::
 
 Document boundaries come as ``position_ids`` that restart at 0 where a document starts: the cell's
 state and the conv's window are both reset there, so nothing crosses a boundary of a packed row.
+
+Generation keeps a recurrent cache (:class:`ParaRNNCache`, passed as ``cache_params`` like Mamba's): per layer
+the conv's last ``kernel - 1`` inputs and the cell state. The prompt goes through the parallel forward once
+(prefill); every later token costs O(1) (conv step + ``cell.step``), so ``generate()`` is linear in its length.
 """
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.utils import ModelOutput
 
 from .configuration_pararnn import ParaRNNConfig
 from .pararnn_cells import ParaGRU, ParaLSTM, ParaRNNCell
@@ -48,6 +53,24 @@ class CausalDepthwiseConv(nn.Module):
             out = out + shifted * self.weight[:, -1 - j]
         return out + self.bias
 
+    def tail(self, x: Tensor, positions: Optional[Tensor]) -> Tensor:
+        """The window the next step needs: the last ``kernel - 1`` inputs ``[B, kernel-1, d]``, zero before the
+        current document's start (and before the sequence), so a step sees what :meth:`forward` would."""
+        k1 = self.kernel - 1
+        tail = F.pad(x[:, -k1:], (0, 0, max(0, k1 - x.shape[1]), 0)) if k1 > 0 else x[:, :0]
+        if positions is not None and k1 > 0:
+            # Entry i is (k1 - i) steps before the next token; it belongs to the current document iff the last
+            # token's position (its distance from the document start) is at least k1 - 1 - i.
+            back = torch.arange(k1 - 1, -1, -1, device=x.device)
+            tail = tail * (positions[:, -1:] >= back).unsqueeze(-1).to(x.dtype)
+        return tail
+
+    def step(self, x_t: Tensor, window: Tensor):
+        """One step: ``x_t [B, d]`` and the window ``[B, kernel-1, d]`` -> ``(y_t [B, d], new window)``."""
+        full = torch.cat([window.to(x_t.dtype), x_t.unsqueeze(1)], dim=1)  # full[:, i] meets weight[:, i]
+        y = (full * self.weight.t()).sum(1) + self.bias
+        return y, full[:, 1:]
+
 
 class RNNBlock(nn.Module):
     def __init__(self, config: ParaRNNConfig):
@@ -64,10 +87,29 @@ class RNNBlock(nn.Module):
         # One element, not 0-dim: FSDP2's fully_shard and DeepSpeed ZeRO cannot shard 0-dim parameters.
         self.residual_scale = nn.Parameter(torch.ones(1))
 
-    def forward(self, x: Tensor, positions: Optional[Tensor], reset: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, positions: Optional[Tensor], reset: Optional[Tensor],
+                cache: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
         v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
-        v = F.silu(self.conv(v, positions))
-        v = self.cell(v, reset=reset)
+        if cache is not None and cache.has_previous_state:
+            # Decode: token by token from the cached window and state, O(1) per token.
+            window, state = cache.conv_states[layer_idx], cache.cell_states[layer_idx]
+            ys = []
+            for t in range(v.shape[1]):
+                u, window = self.conv.step(v[:, t], window)
+                y, state = self.cell.step(F.silu(u), state)
+                ys.append(y)
+            cache.conv_states[layer_idx], cache.cell_states[layer_idx] = window, state
+            v = torch.stack(ys, dim=1)
+        else:
+            conv_in = v
+            v = F.silu(self.conv(v, positions))
+            if cache is not None:
+                # Prefill: the parallel forward, keeping the final state and the conv's window.
+                v, state = self.cell(v, reset=reset, return_state=True)
+                cache.conv_states[layer_idx] = self.conv.tail(conv_in, positions)
+                cache.cell_states[layer_idx] = state
+            else:
+                v = self.cell(v, reset=reset)
         return self.residual_scale * x + self.out_proj(self.out_norm(v) * F.silu(g))
 
 
@@ -90,14 +132,56 @@ class ParaRNNLayer(GradientCheckpointingLayer):
         self.rnn = RNNBlock(config)
         self.mlp = MLPBlock(config)
 
-    def forward(self, x: Tensor, positions: Optional[Tensor] = None, reset: Optional[Tensor] = None) -> Tensor:
-        return self.mlp(self.rnn(x, positions, reset))
+    def forward(self, x: Tensor, positions: Optional[Tensor] = None, reset: Optional[Tensor] = None,
+                cache_params: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
+        return self.mlp(self.rnn(x, positions, reset, cache_params, layer_idx))
+
+
+class ParaRNNCache:
+    """Recurrent generation cache: per layer the conv window ``[B, kernel-1, d]`` and the cell state
+    ``[B, K·d]``. Filled by the prefill (the parallel forward on the prompt), then advanced one token at a time.
+    Like the other recurrent models' caches it cannot be rolled back (no assisted generation)."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, num_layers: int):
+        self.conv_states: list = [None] * num_layers
+        self.cell_states: list = [None] * num_layers
+        self.seen_tokens = 0
+
+    @property
+    def has_previous_state(self) -> bool:
+        return self.seen_tokens > 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """Beam search: keep the rows ``beam_idx`` picks."""
+        for states in (self.conv_states, self.cell_states):
+            for i, s in enumerate(states):
+                if s is not None:
+                    states[i] = s.index_select(0, beam_idx.to(s.device))
+
+    def reset(self) -> None:
+        self.__init__(len(self.conv_states))
+
+
+@dataclass
+class ParaRNNCausalLMOutput(ModelOutput):
+    """``CausalLMOutput`` plus the recurrent cache (``cache_params``, the name generate() carries along)."""
+
+    loss: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
+    cache_params: Optional[ParaRNNCache] = None
 
 
 class ParaRNNPreTrainedModel(PreTrainedModel):
     config_class = ParaRNNConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    _is_stateful = True  # a recurrent cache: no assisted generation (it cannot roll back)
     _no_split_modules = ["ParaRNNLayer"]
 
     @torch.no_grad()
@@ -133,11 +217,15 @@ class ParaRNNModel(ParaRNNPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
+                cache_params: Optional[ParaRNNCache] = None) -> Tensor:
         x = self.embed_tokens(input_ids)
-        reset = None if position_ids is None else position_ids == 0
-        for layer in self.layers:
-            x = layer(x, position_ids, reset)
+        decoding = cache_params is not None and cache_params.has_previous_state
+        reset = None if position_ids is None or decoding else position_ids == 0
+        for i, layer in enumerate(self.layers):
+            x = layer(x, position_ids, reset, cache_params=cache_params, layer_idx=i)
+        if cache_params is not None:
+            cache_params.seen_tokens += input_ids.shape[1]
         return self.norm(x)
 
 
@@ -175,16 +263,44 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
         return torch.stack(values).amax() if values else None
 
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, **kwargs) -> CausalLMOutput:
-        if attention_mask is not None and position_ids is None and not bool(attention_mask.all()):
+                attention_mask: Optional[Tensor] = None, cache_params: Optional[ParaRNNCache] = None,
+                use_cache: Optional[bool] = None, **kwargs) -> ParaRNNCausalLMOutput:
+        """``use_cache=True`` (set by generate()) returns ``cache_params``: with a filled cache, ``input_ids`` are
+        the tokens that follow it (``attention_mask`` / ``position_ids`` are then ignored: padding was dealt
+        with at the prefill). Without a cache this is the plain parallel forward."""
+        use_cache = bool(use_cache) and not self.training
+        if use_cache and cache_params is None:
+            cache_params = ParaRNNCache(self.config.num_hidden_layers)
+        if not use_cache:
+            cache_params = None
+        decoding = cache_params is not None and cache_params.has_previous_state
+        if decoding:
+            position_ids = None
+        elif attention_mask is not None and position_ids is None and not bool(attention_mask.all()):
             # Left padding (batched generation): each row's document starts at its first real token.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.lm_head(self.model(input_ids, position_ids))
+        logits = self.lm_head(self.model(input_ids, position_ids, cache_params))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits)
+        return ParaRNNCausalLMOutput(loss=loss, logits=logits, cache_params=cache_params)
 
-    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
-        # No recurrent cache through generate() yet: every step re-runs the prefix in parallel mode.
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a DynamicCache: forward creates its own ParaRNNCache (as Mamba / RWKV do).
+        return False
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                                      cache_params: Optional[ParaRNNCache] = None, use_cache: Optional[bool] = None,
+                                      is_first_iteration: Optional[bool] = False, **kwargs):
+        if use_cache and cache_params is not None and cache_params.has_previous_state:
+            # Decode: only the tokens the cache has not seen (generate() slices to the last one as well).
+            new = input_ids.shape[1] - cache_params.seen_tokens
+            input_ids = input_ids[:, -max(new, 1):]
+            kwargs.pop("next_sequence_length", None)
+            kwargs.pop("position_ids", None)
+            attention_mask = None
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, attention_mask=attention_mask, cache_params=cache_params, use_cache=use_cache,
+            is_first_iteration=is_first_iteration, **kwargs)
+        return model_inputs
