@@ -15,6 +15,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "tests", "train_entry.py")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from bench_distributed import kill_tree  # noqa: E402  (SIGKILL a launcher and all its workers)
 SEQ_LEN = 32
 STEPS = 10
 # hidden 32, 1 layer, seq 32, global batch 4: ~3M parameters, nearly all of them the two embeddings.
@@ -86,30 +88,9 @@ def finish(procs, timeout: int = 600) -> tuple:
         outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
-            for pid in [*_descendants(p.pid), p.pid]:
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-            p.wait()
+            kill_tree(p)
         raise
     return [p.returncode for p in procs], "\n".join(outputs)
-
-
-def _descendants(pid: int) -> list:
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def run(run_dir, overrides=(), nproc: int = 1, launch: str = "torchrun", check: bool = True, **extra_env):

@@ -1,5 +1,17 @@
 """Small helpers shared by the tests."""
+import os
+import subprocess
+import sys
+
 import torch
+
+
+def run_outside_repo(script: str, cwd, **env) -> subprocess.CompletedProcess:
+    """Run ``python -c script`` in ``cwd`` with the repository off the path (as a user loading an export)."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **env)
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, env=environ, capture_output=True, text=True,
+                          timeout=300)
 
 
 def rel_err(a, b, floor: float = 1e-12) -> float:

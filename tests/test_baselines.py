@@ -11,8 +11,6 @@
 """
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -23,6 +21,7 @@ from models.count import load_preset
 from models.mamba2.ssd_torch import causal_conv1d, seq_idx_from_position_ids, ssd_chunked, ssd_sequential
 from models.registry import build_model
 from tests.helpers import rel_err
+from tests.helpers import run_outside_repo
 
 VOCAB = 50257  # the GPT-2 tokenizer's ids -> padded to 50304, as train.py builds the tiny presets
 DOC_LENGTHS = ([7, 25, 16], [48])  # row 0: three documents (boundaries off chunk edges); row 1: one
@@ -130,10 +129,7 @@ def test_export_loads_as_plain_transformers(tmp_path):
         assert saved["architectures"] == [{"transformer": "LlamaForCausalLM", "mamba2": "Mamba2ForCausalLM"}[arch]]
         assert saved["tie_word_embeddings"] is False
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = run_outside_repo(_LOAD_SCRIPT, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
     for arch, err in errors.items():

@@ -1,14 +1,12 @@
 """Cached generation of the ParaRNN LM: generate() with the recurrent cache (O(1) per new token) matches
 recomputing the full prefix, token for token and logit for logit, also with left padding and after export."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from models.registry import build_model
+from tests.helpers import run_outside_repo
 
 VOCAB = 50257
 NEW = 12
@@ -112,10 +110,7 @@ def test_exported_model_generates_the_same_in_a_clean_process(tmp_path):
         assert torch.equal(out, ref["expected"]), (out, ref["expected"])
         print("OK", type(model).__name__, type(model).__module__)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_outside_repo(script, tmp_path, HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK ParaRNNForCausalLM" in proc.stdout
     assert "transformers_modules" in proc.stdout  # the shipped code, not the repo's

@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+from tests.helpers import run_outside_repo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARAGRU = ["model=paragru_tiny", "model.config.hidden_size=32", "model.config.num_hidden_layers=1"]
@@ -125,9 +126,7 @@ def test_baseline_trains_resumes_and_exports(tmp_path, preset, hf_class):
         assert err < 1e-5, err
         print("OK", type(model).__name__)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_outside_repo(script, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"OK {hf_class}" in proc.stdout
 
@@ -164,10 +163,7 @@ def test_export_loads_in_a_clean_process_with_equal_logits(uninterrupted, tmp_pa
         assert out.shape[1] == ref["ids"].shape[1] + 5
         print("OK", type(model).__name__, tok.decode(out[0, -5:]))
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_outside_repo(script, tmp_path, HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK ParaRNNForCausalLM" in proc.stdout
 
