@@ -158,22 +158,26 @@ def kinfo(direction):
 
 
 # ============================================================================================ check
-def _oracle(cell, P64, A64, C64, h064, reset, g64):
-    leaves = [P64.clone().requires_grad_(), A64.clone().requires_grad_()]
-    Cq = C64.clone().requires_grad_() if C64 is not None else None
-    hq = h064.clone().requires_grad_() if h064 is not None else None
-    h = sequential(cell, leaves[0], leaves[1], Cq, hq, reset)
-    wrt = leaves + [x for x in (Cq, hq) if x is not None]
-    grads = list(torch.autograd.grad((h * g64).sum(), wrt))
-    dP, dA = grads[0], grads[1]
-    rest = grads[2:]
-    dC = rest.pop(0) if Cq is not None else None
-    dh0 = rest.pop(0) if hq is not None else None
-    return h.detach(), dP, dA, dC, dh0
+def _oracle(cell, P64, A64, C64, h064, reset, g64, bias64=None, clip=None):
+    """float64 trajectory and autograd gradients ``(h, dP, dA, dC, dh0, dbias)`` of ``Σ h·g``.
+
+    With ``bias64``/``clip``: the kernels' fused path, P + bias and clamped weights; ``g64`` may then
+    be ``[B, T, N]`` (a gradient for the h part alone)."""
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (P64, A64, C64, h064, bias64)]
+    Pq, Aq, Cq, hq, bq = leaves
+    clamp = (lambda w: w.clamp(-clip, clip)) if clip else (lambda w: w)  # noqa: E731
+    h = sequential(cell, Pq if bq is None else Pq + bq, clamp(Aq), None if Cq is None else clamp(Cq), hq, reset)
+    out = h if g64.dim() == 4 else h[:, :, -1]
+    wrt = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad((out * g64).sum(), wrt))
+    return (h.detach(), *(next(grads) if t is not None else None for t in leaves[:2]),
+            *(next(grads) if t is not None else None for t in leaves[2:]))
 
 
 @guarded("check")
-def check_case(cell, B, T, N, with_h0, reset_p, dtypes, seed=0):
+def check_case(cell, B, T, N, with_h0, reset_p, dtypes, seed=0, heads=0):
+    """Both methods against the float64 oracle. ``heads > 0``: the fused path the model uses
+    (head-split P, bias and clip 0.5 in the kernels, a gradient for h alone)."""
     dev = DEV
     K = 1 if cell == "gru" else 2
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -187,27 +191,32 @@ def check_case(cell, B, T, N, with_h0, reset_p, dtypes, seed=0):
         if T > 1:
             reset[0, 0] = True
     g = torch.randn(B, T, K, N, device=dev, generator=gen)
+    bias = clip = None
+    if heads:
+        bias, clip, g = 0.5 * torch.randn(3, N, device=dev, generator=gen), 0.5, g[:, :, -1]
     for dtype in dtypes:
         Pd = P.to(dtype)
-        ref = _oracle(cell, Pd.double(), A.double(), None if C is None else C.double(),
-                      None if h0 is None else h0.double(), reset, g.double())
-        h_ref, dP_ref, dA_ref, dC_ref, dh0_ref = ref
+        h_ref, dP_ref, dA_ref, dC_ref, dh0_ref, db_ref = _oracle(
+            cell, Pd.double(), A.double(), None if C is None else C.double(),
+            None if h0 is None else h0.double(), reset, g.double(), None if bias is None else bias.double(), clip)
+        Pk = Pd  # head-major storage [H, B, T, 3, N/H] seen as [B, T, 3, H, N/H], as the model's GEMM writes it
+        if heads:
+            Pk = Pd.view(B, T, 3, heads, N // heads).permute(3, 0, 1, 2, 4).contiguous().permute(1, 2, 3, 0, 4)
         for method in api.METHODS:
-            row = {"cell": cell, "B": B, "T": T, "N": N, "h0": with_h0, "reset": bool(reset_p),
+            row = {"cell": cell, "B": B, "T": T, "N": N, "h0": with_h0, "reset": bool(reset_p), "heads": heads,
                    "dtype": str(dtype).split(".")[-1], "method": method}
-            h, res = newton_forward(cell, Pd, A, C, h0, reset, 3, True, method=method)
+            h, res = newton_forward(cell, Pk, A, C, h0, reset, 3, True, bias=bias, clip=clip, method=method)
             row["h"] = rel(h, h_ref)
             row["residual"] = float(res)
-            dP, dA, dC, dh0 = adjoint_backward(cell, Pd, A, C, h0, reset, h_ref.to(dtype), g.to(dtype),
-                                               method=method)
-            row["dP"] = rel(dP, dP_ref)
+            dP, dA, dC, db, dh0 = adjoint_backward(cell, Pk, A, C, h0, reset, h_ref.to(dtype), g.to(dtype),
+                                                   bias=bias, clip=clip, method=method)
+            row["dP"] = rel(dP.reshape(B, T, 3, N), dP_ref)
             row["dA"] = rel(dA, dA_ref)
-            if dC is not None:
-                row["dC"] = rel(dC, dC_ref)
-            if dh0 is not None:
-                row["dh0"] = rel(dh0, dh0_ref)
+            for key, got, ref in (("dC", dC, dC_ref), ("dh0", dh0, dh0_ref), ("db", db, db_ref)):
+                if got is not None:
+                    row[key] = rel(got, ref)
             tol = 1e-5 if dtype == torch.float32 else 1e-2
-            errs = [v for k, v in row.items() if k in ("h", "dP", "dA", "dC", "dh0")]
+            errs = [v for k, v in row.items() if k in ("h", "dP", "dA", "dC", "dh0", "db")]
             row["ok"] = all(e == e and e <= tol for e in errs)
             RESULTS["check"].append(row)
             log("check", " ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -218,11 +227,14 @@ def run_check(cells):
     if DRY:
         for cell in cells:
             check_case(cell, 2, 21, 20, True, 0.1, (torch.float32, torch.float16))
+            check_case(cell, 2, 13, 20, True, 0.1, (torch.float32,), heads=4)
         return
     for cell in cells:
         check_case(cell, 3, 300, 100, True, 0.01, (torch.float32, torch.bfloat16, torch.float16))
         check_case(cell, 1, 5000, 40, True, 0.001, (torch.float32,))
         check_case(cell, 2, 1, 33, True, 1e-9, (torch.float32,))
+        check_case(cell, 3, 300, 256, True, 0.01, (torch.float32, torch.bfloat16), heads=4)  # 64 per head
+        check_case(cell, 2, 77, 100, False, 0.02, (torch.float32,), heads=4)  # 25 per head: tiles straddle
 
 
 # ====================================================================================== iterations
@@ -385,13 +397,13 @@ def gemm_rows(T, N, B=None, dtype=None):
     dtype, B = dtype or LOWP, B or BATCH
     m = _model("gru", N, dtype, "triton")  # the projection is the same for both cells
     x = torch.randn(B, T, N, device=DEV, dtype=dtype)
-    dP = torch.randn(B, T, 3, N, device=DEV, dtype=dtype)
     with torch.no_grad():
-        t1 = bench(lambda: m.project(x, m.B, m.b))
-        t2 = bench(lambda: m.project_backward(x, m.B, dP))
-    row = {"T": T, "N": N, "impl": "models.pararnn einsum", "proj_fwd_ms": t1, "proj_bwd_ms": t2}
+        dP = torch.randn_like(m.project_heads(x, m.B))  # head-major, as the kernel writes it
+        t1 = bench(lambda: m.project_heads(x, m.B))
+        t2 = bench(lambda: m.project_heads_backward(x, m.B, dP, (True, True)))
+    row = {"T": T, "N": N, "impl": "models.pararnn per-head bmm", "proj_fwd_ms": t1, "proj_bwd_ms": t2}
     RESULTS["cells"].append({"gemm": row})
-    log(f"gemm T{T} N{N} {row['impl']} proj fwd {t1:.3f} ms  proj bwd (dx, dB, db) {t2:.3f} ms")
+    log(f"gemm T{T} N{N} {row['impl']} proj fwd {t1:.3f} ms  proj bwd (dx, dB) {t2:.3f} ms")
     save()
 
 
@@ -406,7 +418,11 @@ def profile_rows(cell, T, N, variants, B=None):
     m = _model(cell, N, LOWP, "triton")
     x = torch.randn(B, T, N, device=DEV, dtype=LOWP, requires_grad=True)
     gy = torch.randn(B, T, N, device=DEV, dtype=LOWP)
+    leaves = [x] + list(m.parameters())
+
     def fb():
+        for t in leaves:  # as do_bench's grad_to_none: no accumulation kernels
+            t.grad = None
         m(x).backward(gy)
 
     for name in variants:
@@ -428,7 +444,48 @@ def profile_rows(cell, T, N, variants, B=None):
                                                   "host_ms_per_call": 1e3 * t_cpu, "table": table})
         log(f"profile {cell} T{T} N{N} {name}: host {1e3 * t_cpu:.3f} ms per fwd+bwd call (5 calls profiled below)")
         log(table)
+    host_rows(m, x)
     save()
+
+
+def _host_us(fn, n=50):
+    """Host time per call (µs) of ``fn`` issued ``n`` times without a sync (the GPU queue absorbs it)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return 1e6 * t / n
+
+
+def host_rows(m, x):
+    """Host cost of the pieces of one triton-mode fwd+bwd (to see what sets the eager time at short T)."""
+    cell = m.kernel_name
+    B, T, N = x.shape
+    K = m.state_blocks
+    with torch.no_grad():
+        P = m.project_heads(x, m.B)
+        h, _ = newton_forward(cell, P, m.A, getattr(m, "C", None), None, None, bias=m.b)
+        dP = torch.randn_like(P)
+        W = torch.randn(N, 3 * N, device=DEV, dtype=x.dtype)
+        part = torch.randn(B, 6 + 2 * (K - 1), N, device=DEV)
+        C = getattr(m, "C", None)
+        pieces = {
+            "project_heads (bmm + views)": lambda: m.project_heads(x, m.B),
+            "dense mm [M,D]x[D,3N]": lambda: x.view(-1, N) @ W,
+            "newton_forward (launch + allocs)": lambda: newton_forward(cell, P, m.A, C, None, None, bias=m.b),
+            "adjoint_backward (launch + sum)": lambda: adjoint_backward(cell, P, m.A, C, None, None, h,
+                                                                        h[:, :, -1], bias=m.b),
+            "project_heads_backward (2 bmm + copy)": lambda: m.project_heads_backward(x, m.B, dP, (True, True)),
+            "torch.empty": lambda: torch.empty(B, T, K, N, device=DEV, dtype=x.dtype),
+            "partials sum(0)": lambda: part.sum(0),
+        }
+        for name, fn in pieces.items():
+            us = _host_us(fn)
+            RESULTS.setdefault("host", []).append({"cell": cell, "T": T, "N": N, "piece": name, "host_us": us})
+            log(f"host {cell} T{T} N{N} {name:40s} {us:8.1f} us")
 
 
 # =========================================================================================== errors
@@ -562,7 +619,8 @@ def main():
             for cell in cells:
                 cell_rows(cell, T, N, args.cell_variants.split(","))
         log(f"-- cells done {time.time() - t_start:.0f}s")
-        profile_rows("gru", 512, 1024, ["models.triton"])
+        for cell in cells:
+            profile_rows(cell, 512, 1024, ["models.triton"])
         log(f"-- profile done {time.time() - t_start:.0f}s")
     if args.errors:
         for cell in cells:

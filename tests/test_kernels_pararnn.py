@@ -101,8 +101,9 @@ def test_forward_and_backward(cell, method, dtype, case):
     assert float(res) <= 1e-5
     assert rel_err(h, h_ref) <= tol
     # backward along the oracle's trajectory (the contract: h is treated as exact)
-    dP, dA, dC, dh0 = adjoint_backward(cell, _dev(P), _dev(A), _dev(C), _dev(h0), _dev(reset),
-                                       _dev(h_ref.to(dtype)), _dev(grad.to(dtype)), method=method)
+    dP, dA, dC, db, dh0 = adjoint_backward(cell, _dev(P), _dev(A), _dev(C), _dev(h0), _dev(reset),
+                                           _dev(h_ref.to(dtype)), _dev(grad.to(dtype)), method=method)
+    assert db is None
     assert dP.dtype == dtype and dA.dtype == torch.float32
     assert rel_err(dP, dP_ref) <= tol
     assert rel_err(dA, dA_ref) <= tol
@@ -149,13 +150,62 @@ def test_general_strides(cell, method):
     g_big = torch.zeros(B, T, K, N + 3)
     g_big[..., :N] = grad
     hs = h_ref.float().permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # last dim not contiguous
-    dP, dA, dC, dh0 = adjoint_backward(cell, _dev(Ps), _dev(A), _dev(C), _dev(h0s), _dev(rs), _dev(hs),
-                                       _dev(g_big[..., :N]), method=method)
+    dP, dA, dC, _, dh0 = adjoint_backward(cell, _dev(Ps), _dev(A), _dev(C), _dev(h0s), _dev(rs), _dev(hs),
+                                          _dev(g_big[..., :N]), method=method)
     assert rel_err(dP, dP_ref) <= 1e-5
     assert rel_err(dA, dA_ref) <= 1e-5
     assert rel_err(dh0, dh0_ref) <= 1e-5
     if cell == "lstm":
         assert rel_err(dC, dC_ref) <= 1e-5
+
+
+# name: (B, T, heads, channels per head, reset positions); the interpreter's channel tile is 16, so
+# "split5" has tiles straddling heads (per-channel offsets) and "split16" one head per tile.
+HEAD_CASES = {"split5": (2, 13, 4, 5, [(1, 6)]), "split16": (1, 11, 2, 16, [])}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_fused_bias_clip_heads(cell, method, case):
+    """The cell's fast path: head-split P as per-head GEMMs write it, the bias added and the recurrent
+    weights clamped inside the kernels, the gradient of the h part alone (LSTM: none for c). Oracle:
+    float64 autograd through ``clamp`` and the sequential loop on the bias-added, head-merged P."""
+    B, T, H, NH, resets = HEAD_CASES[case]
+    N, K, clip = H * NH, K_OF[cell], 0.5
+    g = torch.Generator().manual_seed(3)
+    P = torch.randn(B, T, 3, N, generator=g)
+    bias = 0.5 * torch.randn(3, N, generator=g)
+    A = torch.rand(3, N, generator=g) * 1.8 - 0.9  # about 45% of the entries beyond the clip
+    C = torch.rand(2, N, generator=g) * 1.8 - 0.9 if cell == "lstm" else None
+    h0 = 0.5 * torch.randn(B, K, N, generator=g)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    for b, t in resets:
+        reset[b, t] = True
+    gy = torch.randn(B, T, N, generator=g)
+    # head-major storage [H, B, T, 3, NH], seen as [B, T, 3, H, NH]
+    Ph = P.view(B, T, 3, H, NH).permute(3, 0, 1, 2, 4).contiguous().permute(1, 2, 3, 0, 4)
+    assert Ph.stride(3) == B * T * 3 * NH
+
+    leaves = [t.double().requires_grad_() for t in (P, bias, A, h0)]
+    C64 = C.double().requires_grad_() if C is not None else None
+    clamp = lambda w: w.clamp(-clip, clip)  # noqa: E731
+    h_ref = sequential(cell, leaves[0] + leaves[1], clamp(leaves[2]), None if C64 is None else clamp(C64),
+                       leaves[3], reset)
+    wrt = leaves + ([C64] if C64 is not None else [])
+    refs = torch.autograd.grad((h_ref[:, :, -1] * gy.double()).sum(), wrt)
+
+    h, _ = newton_forward(cell, _dev(Ph), _dev(A), _dev(C), _dev(h0), _dev(reset), bias=_dev(bias), clip=clip,
+                          method=method)
+    assert rel_err(h, h_ref) <= 1e-5
+    dP, dA, dC, db, dh0 = adjoint_backward(cell, _dev(Ph), _dev(A), _dev(C), _dev(h0), _dev(reset),
+                                           _dev(h_ref.float()), _dev(gy), bias=_dev(bias), clip=clip,
+                                           method=method)
+    assert dP.shape == Ph.shape and dP.stride() == Ph.stride()  # written in the head-major layout
+    got = [dP.reshape(B, T, 3, N), db, dA, dh0] + ([dC] if cell == "lstm" else [])
+    for name, a, r in zip(["dP", "dbias", "dA", "dh0", "dC"], got, refs):
+        assert rel_err(a, r) <= 1e-5, name
+    assert (dA.cpu()[A.abs() > clip] == 0).all()
 
 
 def test_bad_inputs():
@@ -173,9 +223,13 @@ def test_bad_inputs():
         newton_forward("gru", P, A, None, None, None, method="magic")
 
 
+@pytest.mark.parametrize("variant", ["plain", "clip_state"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_model_triton_mode_matches_sequential(cell):
-    """``models.pararnn`` cells: mode="triton" (these kernels) vs a float64 sequential copy."""
+def test_model_triton_mode_matches_sequential(cell, variant):
+    """``models.pararnn`` cells: mode="triton" (these kernels) vs a float64 sequential copy.
+
+    "clip_state": recurrent weights clipped at 0.5 (about half of them beyond it) and a loss on the
+    returned final state too (the backward's slow path with a full state gradient)."""
     pararnn = pytest.importorskip("models.pararnn")
     import copy
 
@@ -183,7 +237,12 @@ def test_model_triton_mode_matches_sequential(cell):
     torch.manual_seed(1)
     B, T, D, N = 2, 19, 16, 16
     K = K_OF[cell]
-    m32 = cls(D, N, num_heads=2, mode="triton").to(DEVICE)
+    clip = 0.5 if variant == "clip_state" else None
+    m32 = cls(D, N, num_heads=2, mode="triton", clip=clip).to(DEVICE)
+    if clip:
+        with torch.no_grad():
+            for w in m32.recurrent_weights():
+                w.uniform_(-1.0, 1.0)
     m64 = copy.deepcopy(m32).double()
     m64.mode = "sequential"
     x = torch.randn(B, T, D, device=DEVICE)
@@ -191,16 +250,19 @@ def test_model_triton_mode_matches_sequential(cell):
     reset = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
     reset[1, 9] = True
     w = torch.randn(B, T, N, device=DEVICE)
+    ws = torch.randn(B, K * N, device=DEVICE)
     outs = []
     for m, dt in ((m32, torch.float32), (m64, torch.float64)):
         xx = x.to(dt).requires_grad_()
         ss = state.to(dt).requires_grad_()
-        y = m(xx, state=ss, reset=reset)
+        y, final = m(xx, state=ss, reset=reset, return_state=True)
+        loss = (y * w.to(dt)).sum() + ((final * ws.to(dt)).sum() if clip else 0.0)
         params = [p for _, p in sorted(m.named_parameters())]
-        grads = torch.autograd.grad((y * w.to(dt)).sum(), [xx, ss] + params)
-        outs.append((y, grads))
-    (y32, g32), (y64, g64) = outs
+        grads = torch.autograd.grad(loss, [xx, ss] + params)
+        outs.append((y, final, grads))
+    (y32, f32, g32), (y64, f64, g64) = outs
     assert rel_err(y32, y64) <= 1e-5
+    assert rel_err(f32, f64) <= 1e-5
     for a, b in zip(g32, g64):
         assert rel_err(a, b) <= 1e-5
 

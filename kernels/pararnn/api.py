@@ -13,6 +13,12 @@ In the backward both families solve the same linear adjoint recurrence exactly (
 
 ``method=None`` picks by shape with :func:`pick_method` (the rule and the measurements behind it
 are in ``kernels/pararnn/NOTES.md``). No host synchronisation happens in these functions.
+
+What the kernels take over from the cell so that one training step issues few host-side ops (at
+T = 512 the launch overhead, not the GPU, sets the eager speed): P straight from a per-head GEMM
+(head-split layout, see ``_io.py``) with the projection bias added on load, the weight clip, the
+gradient of the h part alone (no zero-filled c gradient for the LSTM), and every parameter gradient
+(A, C, bias) as per-(batch, channel) partials summed by one reduction.
 """
 import os
 from typing import Optional, Tuple
@@ -94,28 +100,40 @@ def _config(cell: str, key: str, override: Optional[dict]) -> dict:
 
 
 def _check(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Optional[Tensor],
-           reset: Optional[Tensor]) -> Tuple[int, int, int, int]:
+           reset: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[int, int, int, int, int]:
     if cell not in CELLS:
         raise ValueError(f"pararnn kernels: cell={cell!r} is not one of {', '.join(CELLS)}")
     K = CELLS[cell]
-    if P.dim() != 4 or P.shape[2] != 3:
-        raise ValueError(f"pararnn kernels: P must be [B, T, 3, N], got {tuple(P.shape)}")
-    B, T, _, N = P.shape
+    if P.dim() not in (4, 5) or P.shape[2] != 3:
+        raise ValueError(f"pararnn kernels: P must be [B, T, 3, N] or [B, T, 3, H, N/H], got {tuple(P.shape)}")
+    B, T = P.shape[:2]
+    NH = P.shape[-1]
+    N = NH * (P.shape[3] if P.dim() == 5 else 1)
     if tuple(A.shape) != (3, N):
         raise ValueError(f"pararnn kernels: A must be [3, {N}], got {tuple(A.shape)}")
     if cell == "lstm" and (C is None or tuple(C.shape) != (2, N)):
         raise ValueError(f"pararnn kernels: lstm needs C [2, {N}], got {None if C is None else tuple(C.shape)}")
+    if bias is not None and tuple(bias.shape) != (3, N):
+        raise ValueError(f"pararnn kernels: bias must be [3, {N}], got {tuple(bias.shape)}")
     if h0 is not None and tuple(h0.shape) != (B, K, N):
         raise ValueError(f"pararnn kernels: h0 must be [{B}, {K}, {N}], got {tuple(h0.shape)}")
     if reset is not None and tuple(reset.shape) != (B, T):
         raise ValueError(f"pararnn kernels: reset must be [{B}, {T}], got {tuple(reset.shape)}")
-    return B, T, N, K
+    return B, T, N, NH, K
 
 
-def _prep_params(cell, A, C):
-    A = A.detach().to(torch.float32).contiguous()
-    C = C.detach().to(torch.float32).contiguous() if cell == "lstm" else None
-    return A, C
+def _p_strides(P: Tensor) -> Tuple[int, int, int, int]:
+    """``(batch, time, gate, head)`` strides of P; a 4-D P is one head (its head stride is unused)."""
+    return (P.stride(0), P.stride(1), P.stride(2), P.stride(3) if P.dim() == 5 else 0)
+
+
+def _in_head(N: int, NH: int, block_n: int) -> bool:
+    # A program's channels lie in one head: offsets are base + arange (contiguous for the compiler).
+    return NH == N or NH % block_n == 0
+
+
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
 
 
 def _prep_reset(reset: Optional[Tensor]) -> Optional[Tensor]:
@@ -132,16 +150,18 @@ def _lastdim_contig(x: Tensor) -> Tensor:
 
 def newton_forward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Optional[Tensor],
                    reset: Optional[Tensor], num_iters: int = 3, want_residual: bool = False, *,
-                   method: Optional[str] = None, config: Optional[dict] = None
-                   ) -> Tuple[Tensor, Optional[Tensor]]:
+                   bias: Optional[Tensor] = None, clip: Optional[float] = None,
+                   out_dtype: Optional[torch.dtype] = None, method: Optional[str] = None,
+                   config: Optional[dict] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Solve the cell's state trajectory over the whole sequence.
 
     Args:
         cell: ``"gru"`` (state K = 1: h) or ``"lstm"`` (K = 2: index 0 = c, 1 = h).
-        P: ``[B, T, 3, N]`` input projection (bf16/fp16/fp32; fp64 is accepted but computed in
-            fp32); the last dim must be contiguous (else it is copied), any strides for B, T and
-            the gate dim.
-        A: ``[3, N]`` diagonal recurrent weights (GRU rows z, r, c; LSTM rows f, o, z); cast to fp32.
+        P: the input projection without bias, ``[B, T, 3, N]``, or head-split ``[B, T, 3, H, N/H]``
+            (channel ``n`` = head ``n // (N/H)``, as a per-head GEMM writes it); bf16/fp16/fp32
+            (fp64 is computed in fp32); the last dim must be contiguous (else it is copied), any
+            other strides.
+        A: ``[3, N]`` diagonal recurrent weights (GRU rows z, r, c; LSTM rows f, o, z); any float dtype.
         C: ``[2, N]`` LSTM peepholes (c_f, c_o), else None.
         h0: ``[B, K, N]`` initial state, or None (zeros).
         reset: ``[B, T]`` bool, True where a document starts (the state entering that step is
@@ -149,140 +169,134 @@ def newton_forward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Opt
         num_iters: Newton iterations per time tile after the initial guess ``f(0, P_t)``
             (``"newton"`` method only; the sweep computes the exact recurrence).
         want_residual: also return ``max |f(h_{t-1}, P_t) − h_t|`` over everything for the final
-            fp32 iterate (before rounding to P's dtype). The sweep is exact, so it returns 0.
+            fp32 iterate (before rounding to the output dtype). The sweep is exact, so it returns 0.
+        bias: ``[3, N]`` projection bias added to P inside the kernel, or None.
+        clip: if set, A (and C) are clamped to ``[-clip, clip]`` inside the kernel.
+        out_dtype: dtype of h (default: P's).
         method: ``"newton"``, ``"sweep"`` or None (by shape, :func:`pick_method`).
         config: optional launch-parameter overrides (``BLOCK_T``/``BLOCK_N``/``CHUNK``/``num_warps``).
 
     Returns:
-        ``(h [B, T, K, N] in P.dtype, residual 0-d fp32 tensor or None)``. Math is fp32 throughout.
+        ``(h [B, T, K, N], residual 0-d fp32 tensor or None)``. Math is fp32 throughout.
     """
-    B, T, N, K = _check(cell, P, A, C, h0, reset)
+    B, T, N, NH, K = _check(cell, P, A, C, h0, reset, bias)
     method = method or pick_method(cell, B, T, N, "fwd")
     if method not in METHODS:
         raise ValueError(f"pararnn kernels: method={method!r} is not one of {', '.join(METHODS)}")
     P = _lastdim_contig(P)
-    A, C = _prep_params(cell, A, C)
-    h0c = h0.contiguous() if h0 is not None else None
+    A, C, bias, h0 = _contig(A), _contig(C), _contig(bias), _contig(h0)
     rst = _prep_reset(reset)
-    H = torch.empty(B, T, K, N, device=P.device, dtype=P.dtype)
+    H = torch.empty(B, T, K, N, device=P.device, dtype=out_dtype or P.dtype)
     if B == 0 or T == 0 or N == 0:
         return H, (torch.zeros((), device=P.device, dtype=torch.float32) if want_residual else None)
     dummy = A  # stands for absent optional pointers (never dereferenced)
-    H0p, Rp = (h0c if h0c is not None else dummy), (rst if rst is not None else dummy)
-    sH0 = (h0c.stride(0), h0c.stride(1)) if h0c is not None else (0, 0)
+    sP = _p_strides(P)
+    sH0 = (h0.stride(0), h0.stride(1)) if h0 is not None else (0, 0)
     sR = (rst.stride(0), rst.stride(1)) if rst is not None else (0, 0)
-    flags = dict(HAS_H0=h0 is not None, HAS_RST=reset is not None)
+    cfg = _config(cell, f"{method}_fwd", config)
+    nw = cfg.pop("num_warps")
+    grid = (triton_cdiv(N, cfg["BLOCK_N"]), B)
+    flags = dict(HAS_BIAS=bias is not None, HAS_CLIP=clip is not None, IN_HEAD=_in_head(N, NH, cfg["BLOCK_N"]),
+                 HAS_H0=h0 is not None, HAS_RST=reset is not None, **cfg)
+    head = (P, bias if bias is not None else dummy, A) + ((C,) if cell == "lstm" else ())
+    opt = (h0 if h0 is not None else dummy, rst if rst is not None else dummy, H)
+    sizes = (T, N, NH, float(clip or 0.0))
+    s_h0 = sH0 if cell == "lstm" else sH0[:1]
+    s_h = (H.stride(0), H.stride(1)) + ((H.stride(2),) if cell == "lstm" else ())
     if method == "newton":
-        cfg = _config(cell, "newton_fwd", config)
-        nw = cfg.pop("num_warps")
-        grid = (triton_cdiv(N, cfg["BLOCK_N"]), B)
         res_buf = torch.empty(grid[0] * B, device=P.device, dtype=torch.float32) if want_residual else dummy
-        if cell == "gru":
-            LAST_LAUNCH["fwd"] = _newton.gru_newton_fwd_kernel[grid](
-                P, A, H0p, Rp, H, res_buf, T, N,
-                P.stride(0), P.stride(1), P.stride(2), sH0[0], sR[0], sR[1], H.stride(0), H.stride(1),
-                NUM_ITERS=num_iters, WANT_RES=want_residual, **flags, **cfg, num_warps=nw)
-        else:
-            LAST_LAUNCH["fwd"] = _newton.lstm_newton_fwd_kernel[grid](
-                P, A, C, H0p, Rp, H, res_buf, T, N,
-                P.stride(0), P.stride(1), P.stride(2), sH0[0], sH0[1], sR[0], sR[1],
-                H.stride(0), H.stride(1), H.stride(2),
-                NUM_ITERS=num_iters, WANT_RES=want_residual, **flags, **cfg, num_warps=nw)
+        kern = _newton.gru_newton_fwd_kernel if cell == "gru" else _newton.lstm_newton_fwd_kernel
+        LAST_LAUNCH["fwd"] = kern[grid](*head, *opt, res_buf, *sizes, *sP, *s_h0, *sR, *s_h,
+                                        NUM_ITERS=num_iters, WANT_RES=want_residual, **flags, num_warps=nw)
         residual = res_buf.amax() if want_residual else None
     else:
-        cfg = _config(cell, "sweep_fwd", config)
-        nw = cfg.pop("num_warps")
-        grid = (triton_cdiv(N, cfg["BLOCK_N"]), B)
-        if cell == "gru":
-            LAST_LAUNCH["fwd"] = _sweep.gru_sweep_fwd_kernel[grid](
-                P, A, H0p, Rp, H, T, N,
-                P.stride(0), P.stride(1), P.stride(2), sH0[0], sR[0], sR[1], 0, H.stride(0), H.stride(1),
-                **flags, **cfg, num_warps=nw)
-        else:
-            LAST_LAUNCH["fwd"] = _sweep.lstm_sweep_fwd_kernel[grid](
-                P, A, C, H0p, Rp, H, T, N,
-                P.stride(0), P.stride(1), P.stride(2), sH0[0], sH0[1], sR[0], sR[1], 0,
-                H.stride(0), H.stride(1), H.stride(2),
-                **flags, **cfg, num_warps=nw)
+        kern = _sweep.gru_sweep_fwd_kernel if cell == "gru" else _sweep.lstm_sweep_fwd_kernel
+        LAST_LAUNCH["fwd"] = kern[grid](*head, *opt, *sizes, *sP, *s_h0, *sR, 0, *s_h, **flags, num_warps=nw)
         residual = torch.zeros((), device=P.device, dtype=torch.float32) if want_residual else None
     return H, residual
 
 
 def adjoint_backward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Optional[Tensor],
                      reset: Optional[Tensor], h: Tensor, grad_h: Tensor, *,
+                     bias: Optional[Tensor] = None, clip: Optional[float] = None,
                      method: Optional[str] = None, config: Optional[dict] = None
-                     ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+                     ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Backward of the trajectory: adjoint recurrence plus the local VJPs, in one kernel.
 
     The saved trajectory ``h`` is treated as exact. ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}`` (``J_{t+1}``
     zero where ``reset[:, t+1]``; ``J_{t+1}`` recomputed from ``h_t`` and ``P_{t+1}``), then the VJP
-    of ``f(h_{t-1}, P_t)`` with λ_t gives dP, dA, dC; ``dh0 = J_0ᵀ λ_0``.
+    of ``f(h_{t-1}, P_t)`` with λ_t gives dP, dA, dC (and d bias = Σ dP); ``dh0 = J_0ᵀ λ_0``.
 
     Args:
-        cell, P, A, C, h0, reset: as for :func:`newton_forward`.
+        cell, P, A, C, h0, reset, bias, clip: as for :func:`newton_forward`.
         h: ``[B, T, K, N]`` the forward trajectory (any float dtype; last dim contiguous or copied).
-        grad_h: ``[B, T, K, N]`` dL/dh (any float dtype; for ParaLSTM the c part may be zeros).
+        grad_h: dL/dh, ``[B, T, K, N]``, or ``[B, T, N]`` for the h part alone (the LSTM's c part
+            then has no gradient); any float dtype.
         method, config: as for :func:`newton_forward`.
 
     Returns:
-        ``(dP [B, T, 3, N] in P.dtype, dA [3, N] fp32, dC [2, N] fp32 or None (GRU),
-        dh0 [B, K, N] fp32 or None (when h0 is None))``. dA/dC are summed over b and t (per-(b,
-        channel) partials from the kernel, then one sum over b).
+        ``(dP, dA [3, N], dC [2, N] or None (GRU), dbias [3, N] or None (no bias),
+        dh0 [B, K, N] fp32 or None (when h0 is None))``. dP has P's shape and dtype (and its
+        memory layout when P is dense). dA/dC/dbias are in the dtypes of A/C/bias, summed in fp32
+        over b and t (per-(b, channel) partials from the kernel, then one sum over b: deterministic).
+        With ``clip`` they are zero where the clamp was active.
     """
-    B, T, N, K = _check(cell, P, A, C, h0, reset)
-    if tuple(h.shape) != (B, T, K, N) or tuple(grad_h.shape) != (B, T, K, N):
-        raise ValueError(f"pararnn kernels: h and grad_h must be [{B}, {T}, {K}, {N}], "
-                         f"got {tuple(h.shape)} and {tuple(grad_h.shape)}")
+    B, T, N, NH, K = _check(cell, P, A, C, h0, reset, bias)
+    h_only = grad_h.dim() == 3
+    if tuple(h.shape) != (B, T, K, N) or tuple(grad_h.shape) not in ((B, T, K, N), (B, T, N)):
+        raise ValueError(f"pararnn kernels: h must be [{B}, {T}, {K}, {N}] and grad_h [{B}, {T}, {K}, {N}] "
+                         f"or [{B}, {T}, {N}], got {tuple(h.shape)} and {tuple(grad_h.shape)}")
     method = method or pick_method(cell, B, T, N, "bwd")
     if method not in METHODS:
         raise ValueError(f"pararnn kernels: method={method!r} is not one of {', '.join(METHODS)}")
     P, h, grad_h = _lastdim_contig(P), _lastdim_contig(h), _lastdim_contig(grad_h)
-    A, C = _prep_params(cell, A, C)
-    h0c = h0.contiguous() if h0 is not None else None
+    A, C, bias, h0 = _contig(A), _contig(C), _contig(bias), _contig(h0)
     rst = _prep_reset(reset)
     dev = P.device
-    dP = torch.empty(B, T, 3, N, device=dev, dtype=P.dtype)
-    dA_part = torch.empty(B, 3, N, device=dev, dtype=torch.float32)
-    dC_part = torch.empty(B, 2, N, device=dev, dtype=torch.float32) if cell == "lstm" else None
+    dP = torch.empty_like(P)
+    # partial rows: dA 0-2, dbias 3-5 (left unwritten without a bias), dC 6-7 (LSTM)
+    part = torch.empty(B, 8 if cell == "lstm" else 6, N, device=dev, dtype=torch.float32)
     dh0 = torch.empty(B, K, N, device=dev, dtype=torch.float32) if h0 is not None else None
     if B == 0 or T == 0 or N == 0:
         dP.zero_()
-        dA_part.zero_()
-        if dC_part is not None:
-            dC_part.zero_()
+        part.zero_()
         if dh0 is not None:
             dh0.zero_()
-        return dP, dA_part.sum(0), None if dC_part is None else dC_part.sum(0), dh0
-    dummy = A
-    H0p, Rp = (h0c if h0c is not None else dummy), (rst if rst is not None else dummy)
-    DH0p = dh0 if dh0 is not None else dummy
-    sH0 = (h0c.stride(0), h0c.stride(1)) if h0c is not None else (0, 0)
-    sR = (rst.stride(0), rst.stride(1)) if rst is not None else (0, 0)
-    flags = dict(HAS_H0=h0 is not None, HAS_RST=reset is not None)
-    mod = _newton if method == "newton" else _sweep
-    sRn = () if method == "newton" else (0,)  # the sweep kernels take a zero reset channel stride
-    cfg = _config(cell, f"{method}_bwd", config)
-    nw = cfg.pop("num_warps")
-    grid = (triton_cdiv(N, cfg["BLOCK_N"]), B)
-    if cell == "gru":
-        kern = mod.gru_newton_bwd_kernel if method == "newton" else mod.gru_sweep_bwd_kernel
-        LAST_LAUNCH["bwd"] = kern[grid](
-            P, A, H0p, Rp, h, grad_h, dP, dA_part, DH0p, T, N,
-            P.stride(0), P.stride(1), P.stride(2), sH0[0], sR[0], sR[1], *sRn,
-            h.stride(0), h.stride(1), grad_h.stride(0), grad_h.stride(1),
-            dP.stride(0), dP.stride(1), dP.stride(2),
-            **flags, **cfg, num_warps=nw)
     else:
-        kern = mod.lstm_newton_bwd_kernel if method == "newton" else mod.lstm_sweep_bwd_kernel
-        LAST_LAUNCH["bwd"] = kern[grid](
-            P, A, C, H0p, Rp, h, grad_h, dP, dA_part, dC_part, DH0p, T, N,
-            P.stride(0), P.stride(1), P.stride(2), sH0[0], sH0[1], sR[0], sR[1], *sRn,
-            h.stride(0), h.stride(1), h.stride(2), grad_h.stride(0), grad_h.stride(1), grad_h.stride(2),
-            dP.stride(0), dP.stride(1), dP.stride(2),
-            **flags, **cfg, num_warps=nw)
-    dA = dA_part.sum(0)
-    dC = dC_part.sum(0) if dC_part is not None else None
-    return dP, dA, dC, dh0
+        dummy = A
+        sP, sD = _p_strides(P), _p_strides(dP)
+        sH0 = (h0.stride(0), h0.stride(1)) if h0 is not None else (0, 0)
+        sR = (rst.stride(0), rst.stride(1)) if rst is not None else (0, 0)
+        cfg = _config(cell, f"{method}_bwd", config)
+        nw = cfg.pop("num_warps")
+        grid = (triton_cdiv(N, cfg["BLOCK_N"]), B)
+        flags = dict(HAS_BIAS=bias is not None, HAS_CLIP=clip is not None,
+                     IN_HEAD=_in_head(N, NH, cfg["BLOCK_N"]), HAS_H0=h0 is not None,
+                     HAS_RST=reset is not None, **cfg)
+        if cell == "lstm":
+            flags["HAS_GC"] = not h_only
+        # grad_h [B, T, N] is the h part alone: the kernel reads G + sGk for h (sGk = 0 here).
+        sG = (grad_h.stride(0), grad_h.stride(1), 0 if h_only else grad_h.stride(2))
+        lstm = cell == "lstm"
+        head = (P, bias if bias is not None else dummy, A) + ((C,) if lstm else ())
+        opt = (h0 if h0 is not None else dummy, rst if rst is not None else dummy, h, grad_h, dP, part,
+               dh0 if dh0 is not None else dummy)
+        sizes = (T, N, NH, float(clip or 0.0))
+        strides = (*sP, *(sH0 if lstm else sH0[:1]), *sR, *((0,) if method == "sweep" else ()),
+                   h.stride(0), h.stride(1), *((h.stride(2),) if lstm else ()),
+                   *(sG if lstm else sG[:2]), *sD, part.stride(0))
+        if method == "newton":
+            kern = _newton.gru_newton_bwd_kernel if cell == "gru" else _newton.lstm_newton_bwd_kernel
+        else:
+            kern = _sweep.gru_sweep_bwd_kernel if cell == "gru" else _sweep.lstm_sweep_bwd_kernel
+        LAST_LAUNCH["bwd"] = kern[grid](*head, *opt, *sizes, *strides, **flags, num_warps=nw)
+    sums = part.sum(0)
+    if sums.dtype != A.dtype and all(t is None or t.dtype == A.dtype for t in (C, bias)):
+        sums = sums.to(A.dtype)  # one cast for all parameter gradients (the usual case)
+    dA = sums[:3].to(A.dtype)
+    dbias = sums[3:6].to(bias.dtype) if bias is not None else None
+    dC = sums[6:8].to(C.dtype) if cell == "lstm" else None
+    return dP, dA, dC, dbias, dh0
 
 
 def triton_cdiv(a: int, b: int) -> int:

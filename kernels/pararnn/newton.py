@@ -20,25 +20,31 @@ per-(b, channel) partials (summed over b outside: deterministic, no atomics).
 import triton
 import triton.language as tl
 
+from ._io import chan_offsets, load_bias, load_gates, load_weight, store3, store_partials, store_weight_grad
 from ._math import combine1, combine2, gru_gates, gru_jac, lstm_gates, lstm_jac, sigmoid, tanh
 
 
 # ================================================================================================ GRU
 @triton.jit
 def gru_newton_fwd_kernel(
-    P, A, H0, RST, H, RES,
-    T, N,
-    sPb, sPt, sPg, sH0b, sRb, sRt, sHb, sHt,
-    NUM_ITERS: tl.constexpr, HAS_H0: tl.constexpr, HAS_RST: tl.constexpr, WANT_RES: tl.constexpr,
+    P, BIAS, A, H0, RST, H, RES,
+    T, N, NH, clip,
+    sPb, sPt, sPg, sPh, sH0b, sRb, sRt, sHb, sHt,
+    NUM_ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, IN_HEAD: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_RST: tl.constexpr, WANT_RES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    az = tl.load(A + offs_n, mask=mask_n, other=0.0)[None, :]
-    ar = tl.load(A + N + offs_n, mask=mask_n, other=0.0)[None, :]
-    ac = tl.load(A + 2 * N + offs_n, mask=mask_n, other=0.0)[None, :]
+    pn = chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)
+    az = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)[None, :]
+    ar = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)[None, :]
+    ac = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)[None, :]
+    bz = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)
+    br = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)
+    bc = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)
     if HAS_H0:
         carry = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     else:
@@ -52,10 +58,7 @@ def gru_newton_fwd_kernel(
         mt = t < T
         m2 = mt[:, None] & mask_n[None, :]
         tt = t.to(tl.int64)[:, None]
-        pp = P + b * sPb + tt * sPt + offs_n[None, :]
-        pz = tl.load(pp, mask=m2, other=0.0).to(tl.float32)
-        pr = tl.load(pp + sPg, mask=m2, other=0.0).to(tl.float32)
-        pc = tl.load(pp + 2 * sPg, mask=m2, other=0.0).to(tl.float32)
+        pz, pr, pc = load_gates(P + b * sPb + tt * sPt + pn[None, :], sPg, m2, bz, br, bc)
         if HAS_RST:
             keep = 1.0 - tl.load(RST + b * sRb + t * sRt, mask=mt, other=0).to(tl.float32)[:, None]
         # initial guess f(0, P_t)
@@ -85,9 +88,10 @@ def gru_newton_fwd_kernel(
 
 @triton.jit
 def gru_newton_bwd_kernel(
-    P, A, H0, RST, H, G, DP, DAP, DH0,
-    T, N,
-    sPb, sPt, sPg, sH0b, sRb, sRt, sHb, sHt, sGb, sGt, sDb, sDt, sDg,
+    P, BIAS, A, H0, RST, H, G, DP, PART, DH0,
+    T, N, NH, clip,
+    sPb, sPt, sPg, sPh, sH0b, sRb, sRt, sHb, sHt, sGb, sGt, sDb, sDt, sDg, sDh, sPart,
+    HAS_BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, IN_HEAD: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_RST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -95,10 +99,15 @@ def gru_newton_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    az1 = tl.load(A + offs_n, mask=mask_n, other=0.0)
-    ar1 = tl.load(A + N + offs_n, mask=mask_n, other=0.0)
-    ac1 = tl.load(A + 2 * N + offs_n, mask=mask_n, other=0.0)
+    pn = chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)
+    dn = chan_offsets(pid_n, NH, sDh, BLOCK_N, IN_HEAD)
+    az1 = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)
+    ar1 = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)
+    ac1 = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)
     az, ar, ac = az1[None, :], ar1[None, :], ac1[None, :]
+    bz = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)
+    br = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)
+    bc = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)
     if HAS_H0:
         h0 = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     rows = tl.arange(0, BLOCK_T)
@@ -107,6 +116,9 @@ def gru_newton_bwd_kernel(
     acc_z = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_r = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_z = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_r = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_c = tl.zeros([BLOCK_N], dtype=tl.float32)
     num_tiles = tl.cdiv(T, BLOCK_T)
     for k in range(0, num_tiles):
         t_hi = T - k * BLOCK_T
@@ -122,13 +134,9 @@ def gru_newton_bwd_kernel(
         s = tl.load(hh - sHt, mask=m2p, other=0.0).to(tl.float32)
         if HAS_H0:
             s = tl.where((t == 0)[:, None], h0[None, :], s)
-        pp = P + b * sPb + tt * sPt + offs_n[None, :]
-        pz = tl.load(pp, mask=m2, other=0.0).to(tl.float32)
-        pr = tl.load(pp + sPg, mask=m2, other=0.0).to(tl.float32)
-        pc = tl.load(pp + 2 * sPg, mask=m2, other=0.0).to(tl.float32)
-        pz1 = tl.load(pp + sPt, mask=m2n, other=0.0).to(tl.float32)
-        pr1 = tl.load(pp + sPt + sPg, mask=m2n, other=0.0).to(tl.float32)
-        pc1 = tl.load(pp + sPt + 2 * sPg, mask=m2n, other=0.0).to(tl.float32)
+        pp = P + b * sPb + tt * sPt + pn[None, :]
+        pz, pr, pc = load_gates(pp, sPg, m2, bz, br, bc)
+        pz1, pr1, pc1 = load_gates(pp + sPt, sPg, m2n, bz, br, bc)
         g = tl.load(G + b * sGb + tt * sGt + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
         # J_{t+1} at (h_t, P_{t+1}), zero past the end and where step t+1 starts a document
         z1, r1, c1, _ = gru_gates(h_t, pz1, pr1, pc1, az, ar, ac)
@@ -145,26 +153,27 @@ def gru_newton_bwd_kernel(
         gz = lam * (c - s) * z * (1.0 - z)
         gc = lam * z * (1.0 - c * c)
         gr = gc * ac * s * r * (1.0 - r)
-        dd = DP + b * sDb + tt * sDt + offs_n[None, :]
-        tl.store(dd, gz.to(DP.dtype.element_ty), mask=m2)
-        tl.store(dd + sDg, gr.to(DP.dtype.element_ty), mask=m2)
-        tl.store(dd + 2 * sDg, gc.to(DP.dtype.element_ty), mask=m2)
-        acc_z += tl.sum(tl.where(m2, gz * s, 0.0), axis=0)
-        acc_r += tl.sum(tl.where(m2, gr * s, 0.0), axis=0)
-        acc_c += tl.sum(tl.where(m2, gc * s * r, 0.0), axis=0)
+        gz = tl.where(m2, gz, 0.0)
+        gr = tl.where(m2, gr, 0.0)
+        gc = tl.where(m2, gc, 0.0)
+        store3(DP + b * sDb + tt * sDt + dn[None, :], sDg, gz, gr, gc, m2)
+        acc_z += tl.sum(gz * s, axis=0)
+        acc_r += tl.sum(gr * s, axis=0)
+        acc_c += tl.sum(gc * s * r, axis=0)
+        if HAS_BIAS:
+            sum_z += tl.sum(gz, axis=0)
+            sum_r += tl.sum(gr, axis=0)
+            sum_c += tl.sum(gc, axis=0)
         last = tl.minimum(t_hi, BLOCK_T) - 1
         lam_carry = tl.sum(tl.where((rows == last)[:, None], lam, 0.0), axis=0)
-    dap = DAP + b * 3 * N + offs_n
-    tl.store(dap, acc_z, mask=mask_n)
-    tl.store(dap + N, acc_r, mask=mask_n)
-    tl.store(dap + 2 * N, acc_c, mask=mask_n)
+    # partials, rows: dA (z, r, c), then d bias (z, r, c)
+    store_partials(PART + b * sPart, N, offs_n, mask_n, A, clip, acc_z, acc_r, acc_c, sum_z, sum_r, sum_c,
+                   HAS_CLIP, HAS_BIAS)
     if HAS_H0:
         # dh0 = J_0ᵀ λ_0 with J_0 at (h0, P_0); lam_carry is λ_0 now
-        p0 = P + b * sPb + offs_n
-        pz0 = tl.load(p0, mask=mask_n, other=0.0).to(tl.float32)
-        pr0 = tl.load(p0 + sPg, mask=mask_n, other=0.0).to(tl.float32)
-        pc0 = tl.load(p0 + 2 * sPg, mask=mask_n, other=0.0).to(tl.float32)
-        z0, r0, c0, _ = gru_gates(h0, pz0, pr0, pc0, az1, ar1, ac1)
+        pz0, pr0, pc0 = load_gates(P + b * sPb + pn[None, :], sPg, mask_n[None, :], bz, br, bc)
+        z0, r0, c0, _ = gru_gates(h0, tl.sum(pz0, axis=0), tl.sum(pr0, axis=0), tl.sum(pc0, axis=0),
+                                  az1, ar1, ac1)
         dh0 = gru_jac(h0, z0, r0, c0, az1, ar1, ac1) * lam_carry
         if HAS_RST:
             dh0 = dh0 * (1.0 - tl.load(RST + b * sRb).to(tl.float32))
@@ -174,21 +183,26 @@ def gru_newton_bwd_kernel(
 # =============================================================================================== LSTM
 @triton.jit
 def lstm_newton_fwd_kernel(
-    P, A, C, H0, RST, H, RES,
-    T, N,
-    sPb, sPt, sPg, sH0b, sH0k, sRb, sRt, sHb, sHt, sHk,
-    NUM_ITERS: tl.constexpr, HAS_H0: tl.constexpr, HAS_RST: tl.constexpr, WANT_RES: tl.constexpr,
+    P, BIAS, A, C, H0, RST, H, RES,
+    T, N, NH, clip,
+    sPb, sPt, sPg, sPh, sH0b, sH0k, sRb, sRt, sHb, sHt, sHk,
+    NUM_ITERS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, IN_HEAD: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_RST: tl.constexpr, WANT_RES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    af = tl.load(A + offs_n, mask=mask_n, other=0.0)[None, :]
-    ao = tl.load(A + N + offs_n, mask=mask_n, other=0.0)[None, :]
-    az = tl.load(A + 2 * N + offs_n, mask=mask_n, other=0.0)[None, :]
-    cf = tl.load(C + offs_n, mask=mask_n, other=0.0)[None, :]
-    co = tl.load(C + N + offs_n, mask=mask_n, other=0.0)[None, :]
+    pn = chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)
+    af = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)[None, :]
+    ao = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)[None, :]
+    az = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)[None, :]
+    cf = load_weight(C, offs_n, mask_n, clip, HAS_CLIP)[None, :]
+    co = load_weight(C + N, offs_n, mask_n, clip, HAS_CLIP)[None, :]
+    bf = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)
+    bo = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)
+    bz = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)
     if HAS_H0:
         carry_c = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         carry_h = tl.load(H0 + b * sH0b + sH0k + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -204,10 +218,7 @@ def lstm_newton_fwd_kernel(
         mt = t < T
         m2 = mt[:, None] & mask_n[None, :]
         tt = t.to(tl.int64)[:, None]
-        pp = P + b * sPb + tt * sPt + offs_n[None, :]
-        pf = tl.load(pp, mask=m2, other=0.0).to(tl.float32)
-        po = tl.load(pp + sPg, mask=m2, other=0.0).to(tl.float32)
-        pz = tl.load(pp + 2 * sPg, mask=m2, other=0.0).to(tl.float32)
+        pf, po, pz = load_gates(P + b * sPb + tt * sPt + pn[None, :], sPg, m2, bf, bo, bz)
         if HAS_RST:
             keep = 1.0 - tl.load(RST + b * sRb + t * sRt, mask=mt, other=0).to(tl.float32)[:, None]
         # initial guess f(0, P_t)
@@ -254,9 +265,10 @@ def lstm_newton_fwd_kernel(
 
 @triton.jit
 def lstm_newton_bwd_kernel(
-    P, A, C, H0, RST, H, G, DP, DAP, DCP, DH0,
-    T, N,
-    sPb, sPt, sPg, sH0b, sH0k, sRb, sRt, sHb, sHt, sHk, sGb, sGt, sGk, sDb, sDt, sDg,
+    P, BIAS, A, C, H0, RST, H, G, DP, PART, DH0,
+    T, N, NH, clip,
+    sPb, sPt, sPg, sPh, sH0b, sH0k, sRb, sRt, sHb, sHt, sHk, sGb, sGt, sGk, sDb, sDt, sDg, sDh, sPart,
+    HAS_BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, IN_HEAD: tl.constexpr, HAS_GC: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_RST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -264,12 +276,17 @@ def lstm_newton_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    af1 = tl.load(A + offs_n, mask=mask_n, other=0.0)
-    ao1 = tl.load(A + N + offs_n, mask=mask_n, other=0.0)
-    az1 = tl.load(A + 2 * N + offs_n, mask=mask_n, other=0.0)
-    cf1 = tl.load(C + offs_n, mask=mask_n, other=0.0)
-    co1 = tl.load(C + N + offs_n, mask=mask_n, other=0.0)
+    pn = chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)
+    dn = chan_offsets(pid_n, NH, sDh, BLOCK_N, IN_HEAD)
+    af1 = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)
+    ao1 = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)
+    az1 = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)
+    cf1 = load_weight(C, offs_n, mask_n, clip, HAS_CLIP)
+    co1 = load_weight(C + N, offs_n, mask_n, clip, HAS_CLIP)
     af, ao, az, cf, co = af1[None, :], ao1[None, :], az1[None, :], cf1[None, :], co1[None, :]
+    bf = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)
+    bo = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)
+    bz = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)
     if HAS_H0:
         h0c = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         h0h = tl.load(H0 + b * sH0b + sH0k + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -282,6 +299,9 @@ def lstm_newton_bwd_kernel(
     acc_z = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_cf = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_co = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_f = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_o = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_z = tl.zeros([BLOCK_N], dtype=tl.float32)
     num_tiles = tl.cdiv(T, BLOCK_T)
     for k in range(0, num_tiles):
         t_hi = T - k * BLOCK_T
@@ -301,16 +321,15 @@ def lstm_newton_bwd_kernel(
             at0 = (t == 0)[:, None]
             sc = tl.where(at0, h0c[None, :], sc)
             sh = tl.where(at0, h0h[None, :], sh)
-        pp = P + b * sPb + tt * sPt + offs_n[None, :]
-        pf = tl.load(pp, mask=m2, other=0.0).to(tl.float32)
-        po = tl.load(pp + sPg, mask=m2, other=0.0).to(tl.float32)
-        pz = tl.load(pp + 2 * sPg, mask=m2, other=0.0).to(tl.float32)
-        pf1 = tl.load(pp + sPt, mask=m2n, other=0.0).to(tl.float32)
-        po1 = tl.load(pp + sPt + sPg, mask=m2n, other=0.0).to(tl.float32)
-        pz1 = tl.load(pp + sPt + 2 * sPg, mask=m2n, other=0.0).to(tl.float32)
+        pp = P + b * sPb + tt * sPt + pn[None, :]
+        pf, po, pz = load_gates(pp, sPg, m2, bf, bo, bz)
+        pf1, po1, pz1 = load_gates(pp + sPt, sPg, m2n, bf, bo, bz)
         gg = G + b * sGb + tt * sGt + offs_n[None, :]
-        gc_ = tl.load(gg, mask=m2, other=0.0).to(tl.float32)
         gh_ = tl.load(gg + sGk, mask=m2, other=0.0).to(tl.float32)
+        if HAS_GC:
+            gc_ = tl.load(gg, mask=m2, other=0.0).to(tl.float32)
+        else:
+            gc_ = tl.zeros_like(gh_)
         # J_{t+1} at (h_t, P_{t+1}); the scan element is its transpose
         f1, z1, _, o1, tc1, _ = lstm_gates(hc_t, hh_t, pf1, po1, pz1, af, ao, az, cf, co)
         j11, j12, j21, j22 = lstm_jac(hc_t, f1, z1, o1, tc1, af, ao, az, cf, co)
@@ -335,31 +354,31 @@ def lstm_newton_bwd_kernel(
         dcn = lc + lh * o * (1.0 - tc * tc) + go * co
         gf = dcn * (sc - z) * f * (1.0 - f)
         gz = dcn * (1.0 - f) * (1.0 - z * z)
-        dd = DP + b * sDb + tt * sDt + offs_n[None, :]
-        tl.store(dd, gf.to(DP.dtype.element_ty), mask=m2)
-        tl.store(dd + sDg, go.to(DP.dtype.element_ty), mask=m2)
-        tl.store(dd + 2 * sDg, gz.to(DP.dtype.element_ty), mask=m2)
-        acc_f += tl.sum(tl.where(m2, gf * sh, 0.0), axis=0)
-        acc_o += tl.sum(tl.where(m2, go * sh, 0.0), axis=0)
-        acc_z += tl.sum(tl.where(m2, gz * sh, 0.0), axis=0)
-        acc_cf += tl.sum(tl.where(m2, gf * sc, 0.0), axis=0)
-        acc_co += tl.sum(tl.where(m2, go * cn, 0.0), axis=0)
+        gf = tl.where(m2, gf, 0.0)
+        go = tl.where(m2, go, 0.0)
+        gz = tl.where(m2, gz, 0.0)
+        store3(DP + b * sDb + tt * sDt + dn[None, :], sDg, gf, go, gz, m2)
+        acc_f += tl.sum(gf * sh, axis=0)
+        acc_o += tl.sum(go * sh, axis=0)
+        acc_z += tl.sum(gz * sh, axis=0)
+        acc_cf += tl.sum(gf * sc, axis=0)
+        acc_co += tl.sum(go * cn, axis=0)
+        if HAS_BIAS:
+            sum_f += tl.sum(gf, axis=0)
+            sum_o += tl.sum(go, axis=0)
+            sum_z += tl.sum(gz, axis=0)
         last = (rows == (tl.minimum(t_hi, BLOCK_T) - 1))[:, None]
         lc_carry = tl.sum(tl.where(last, lc, 0.0), axis=0)
         lh_carry = tl.sum(tl.where(last, lh, 0.0), axis=0)
-    dap = DAP + b * 3 * N + offs_n
-    tl.store(dap, acc_f, mask=mask_n)
-    tl.store(dap + N, acc_o, mask=mask_n)
-    tl.store(dap + 2 * N, acc_z, mask=mask_n)
-    dcp = DCP + b * 2 * N + offs_n
-    tl.store(dcp, acc_cf, mask=mask_n)
-    tl.store(dcp + N, acc_co, mask=mask_n)
+    # partials, rows: dA (f, o, z), d bias (f, o, z), then dC (f, o)
+    part = PART + b * sPart
+    store_partials(part, N, offs_n, mask_n, A, clip, acc_f, acc_o, acc_z, sum_f, sum_o, sum_z, HAS_CLIP, HAS_BIAS)
+    store_weight_grad(part + 6 * N, acc_cf, C, offs_n, mask_n, clip, HAS_CLIP)
+    store_weight_grad(part + 7 * N, acc_co, C + N, offs_n, mask_n, clip, HAS_CLIP)
     if HAS_H0:
-        p0 = P + b * sPb + offs_n
-        pf0 = tl.load(p0, mask=mask_n, other=0.0).to(tl.float32)
-        po0 = tl.load(p0 + sPg, mask=mask_n, other=0.0).to(tl.float32)
-        pz0 = tl.load(p0 + 2 * sPg, mask=mask_n, other=0.0).to(tl.float32)
-        f0, z0, _, o0, tc0, _ = lstm_gates(h0c, h0h, pf0, po0, pz0, af1, ao1, az1, cf1, co1)
+        pf0, po0, pz0 = load_gates(P + b * sPb + pn[None, :], sPg, mask_n[None, :], bf, bo, bz)
+        f0, z0, _, o0, tc0, _ = lstm_gates(h0c, h0h, tl.sum(pf0, axis=0), tl.sum(po0, axis=0),
+                                           tl.sum(pz0, axis=0), af1, ao1, az1, cf1, co1)
         j11, j12, j21, j22 = lstm_jac(h0c, f0, z0, o0, tc0, af1, ao1, az1, cf1, co1)
         d_c = j11 * lc_carry + j21 * lh_carry
         d_h = j12 * lc_carry + j22 * lh_carry

@@ -24,6 +24,7 @@ Backward: the adjoint recurrence
 import triton
 import triton.language as tl
 
+from ._io import chan_offsets, load3, load_bias, load_weight, store3, store_partials, store_weight_grad
 from ._math import LOG2E, gru_gates, gru_jac, gru_step_scaled, lstm_gates, lstm_jac, lstm_step_scaled
 
 
@@ -46,11 +47,12 @@ def _row(x, sel):
 
 
 # ================================================================================================ GRU
-@triton.jit(do_not_specialize=["sPb", "sHb", "sRb", "sRt", "sRn"])
+@triton.jit(do_not_specialize=["sPb", "sPh", "NH", "sHb", "sRb", "sRt", "sRn"])
 def gru_sweep_fwd_kernel(
-    P, A, H0, RST, H,
-    T, N,
-    sPb, sPt, sPg, sH0b, sRb, sRt, sRn, sHb, sHt,
+    P, BIAS, A, H0, RST, H,
+    T, N, NH, clip,
+    sPb, sPt, sPg, sPh, sH0b, sRb, sRt, sRn, sHb, sHt,
+    HAS_BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, IN_HEAD: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_RST: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -59,37 +61,34 @@ def gru_sweep_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     # parameters and inputs pre-scaled for gru_step_scaled (exponent arguments in log2 units)
-    bz = tl.load(A + offs_n, mask=mask_n, other=0.0) * (-LOG2E)
-    br = tl.load(A + N + offs_n, mask=mask_n, other=0.0) * (-LOG2E)
-    bc = tl.load(A + 2 * N + offs_n, mask=mask_n, other=0.0) * (-2.0 * LOG2E)
+    bz = load_weight(A, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
+    br = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
+    bc = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP) * (-2.0 * LOG2E)
+    ez = (load_bias(BIAS, offs_n, mask_n, HAS_BIAS) * (-LOG2E))[None, :]
+    er = (load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS) * (-LOG2E))[None, :]
+    ec = (load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS) * (-2.0 * LOG2E))[None, :]
     if HAS_H0:
         s = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     else:
         s = tl.zeros([BLOCK_N], dtype=tl.float32)
     rows = tl.arange(0, CHUNK)
     zero_n = tl.arange(0, BLOCK_N) * sRn  # sRn = 0 at run time (see the module doc)
-    Pb = P + b * sPb + offs_n[None, :]
+    Pb = P + b * sPb + chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)[None, :]
     # chunk 0
     m2 = (rows < T)[:, None] & mask_n[None, :]
-    pp = Pb + rows.to(tl.int64)[:, None] * sPt
-    nz = tl.load(pp, mask=m2, other=0.0)
-    nr = tl.load(pp + sPg, mask=m2, other=0.0)
-    nc = tl.load(pp + 2 * sPg, mask=m2, other=0.0)
+    nz, nr, nc = load3(Pb + rows.to(tl.int64)[:, None] * sPt, sPg, m2)
     if HAS_RST:
         nk = _load_reset(RST + b * sRb, rows, sRt, zero_n, m2)
     for t0 in range(0, T, CHUNK):
-        qz = nz.to(tl.float32) * (-LOG2E)
-        qr = nr.to(tl.float32) * (-LOG2E)
-        qc = nc.to(tl.float32) * (-2.0 * LOG2E)
+        qz = nz.to(tl.float32) * (-LOG2E) + ez
+        qr = nr.to(tl.float32) * (-LOG2E) + er
+        qc = nc.to(tl.float32) * (-2.0 * LOG2E) + ec
         if HAS_RST:
             kk = 1.0 - nk.to(tl.float32)
         # prefetch the next chunk
         tn = t0 + CHUNK + rows
         m2n = (tn < T)[:, None] & mask_n[None, :]
-        pp = Pb + tn.to(tl.int64)[:, None] * sPt
-        nz = tl.load(pp, mask=m2n, other=0.0)
-        nr = tl.load(pp + sPg, mask=m2n, other=0.0)
-        nc = tl.load(pp + 2 * sPg, mask=m2n, other=0.0)
+        nz, nr, nc = load3(Pb + tn.to(tl.int64)[:, None] * sPt, sPg, m2n)
         if HAS_RST:
             nk = _load_reset(RST + b * sRb, tn, sRt, zero_n, m2n)
         out = tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32)
@@ -105,11 +104,12 @@ def gru_sweep_fwd_kernel(
                  out.to(H.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["sPb", "sHb", "sGb", "sDb", "sRb", "sRt", "sRn"])
+@triton.jit(do_not_specialize=["sPb", "sPh", "NH", "sHb", "sGb", "sDb", "sDh", "sRb", "sRt", "sRn"])
 def gru_sweep_bwd_kernel(
-    P, A, H0, RST, H, G, DP, DAP, DH0,
-    T, N,
-    sPb, sPt, sPg, sH0b, sRb, sRt, sRn, sHb, sHt, sGb, sGt, sDb, sDt, sDg,
+    P, BIAS, A, H0, RST, H, G, DP, PART, DH0,
+    T, N, NH, clip,
+    sPb, sPt, sPg, sPh, sH0b, sRb, sRt, sRn, sHb, sHt, sGb, sGt, sDb, sDt, sDg, sDh, sPart,
+    HAS_BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, IN_HEAD: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_RST: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -117,14 +117,18 @@ def gru_sweep_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    az = tl.load(A + offs_n, mask=mask_n, other=0.0)
-    ar = tl.load(A + N + offs_n, mask=mask_n, other=0.0)
-    ac = tl.load(A + 2 * N + offs_n, mask=mask_n, other=0.0)
+    az = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)
+    ar = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)
+    ac = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)
+    bz = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)[None, :]
+    br = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)[None, :]
+    bc = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)[None, :]
     if HAS_H0:
         h0 = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     rows = tl.arange(0, CHUNK)
     zero_n = tl.arange(0, BLOCK_N) * sRn  # sRn = 0 at run time (see the module doc)
-    Pb = P + b * sPb + offs_n[None, :]
+    Pb = P + b * sPb + chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)[None, :]
+    Db = DP + b * sDb + chan_offsets(pid_n, NH, sDh, BLOCK_N, IN_HEAD)[None, :]
     Hb = H + b * sHb + offs_n[None, :]
     Gb = G + b * sGb + offs_n[None, :]
     # chunk 0 (the last CHUNK steps, rows in reversed time)
@@ -133,9 +137,7 @@ def gru_sweep_bwd_kernel(
     m2p = (t >= 1)[:, None] & mask_n[None, :]
     tt = t.to(tl.int64)[:, None]
     ns = tl.load(Hb + (tt - 1) * sHt, mask=m2p, other=0.0)
-    nz = tl.load(Pb + tt * sPt, mask=m2, other=0.0)
-    nr = tl.load(Pb + tt * sPt + sPg, mask=m2, other=0.0)
-    nc = tl.load(Pb + tt * sPt + 2 * sPg, mask=m2, other=0.0)
+    nz, nr, nc = load3(Pb + tt * sPt, sPg, m2)
     ng = tl.load(Gb + tt * sGt, mask=m2, other=0.0)
     if HAS_RST:
         nk = _load_reset(RST + b * sRb, t, sRt, zero_n, m2)
@@ -143,6 +145,9 @@ def gru_sweep_bwd_kernel(
     acc_z = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_r = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_z = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_r = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_c = tl.zeros([BLOCK_N], dtype=tl.float32)
     num_chunks = tl.cdiv(T, CHUNK)
     for k in range(0, num_chunks):
         t_hi = T - k * CHUNK
@@ -153,9 +158,9 @@ def gru_sweep_bwd_kernel(
         if HAS_RST:
             kk = 1.0 - nk.to(tl.float32)
             s_t = s_t * kk
-        pz = nz.to(tl.float32)
-        pr = nr.to(tl.float32)
-        pc = nc.to(tl.float32)
+        pz = nz.to(tl.float32) + bz
+        pr = nr.to(tl.float32) + br
+        pc = nc.to(tl.float32) + bc
         g = ng.to(tl.float32)
         # prefetch the next chunk
         tn = t - CHUNK
@@ -163,9 +168,7 @@ def gru_sweep_bwd_kernel(
         m2pn = (tn >= 1)[:, None] & mask_n[None, :]
         ttn = tn.to(tl.int64)[:, None]
         ns = tl.load(Hb + (ttn - 1) * sHt, mask=m2pn, other=0.0)
-        nz = tl.load(Pb + ttn * sPt, mask=m2n, other=0.0)
-        nr = tl.load(Pb + ttn * sPt + sPg, mask=m2n, other=0.0)
-        nc = tl.load(Pb + ttn * sPt + 2 * sPg, mask=m2n, other=0.0)
+        nz, nr, nc = load3(Pb + ttn * sPt, sPg, m2n)
         ng = tl.load(Gb + ttn * sGt, mask=m2n, other=0.0)
         if HAS_RST:
             nk = _load_reset(RST + b * sRb, tn, sRt, zero_n, m2n)
@@ -187,29 +190,30 @@ def gru_sweep_bwd_kernel(
             acc_z += tl.where(vi, gz * si, 0.0)
             acc_r += tl.where(vi, gr * si, 0.0)
             acc_c += tl.where(vi, gc * si * r, 0.0)
+            if HAS_BIAS:
+                sum_z += tl.where(vi, gz, 0.0)
+                sum_r += tl.where(vi, gr, 0.0)
+                sum_c += tl.where(vi, gc, 0.0)
             jt = gru_jac(si, z, r, c, az, ar, ac)
             if HAS_RST:
                 jt = jt * _row(kk, sel)
             lam_c = tl.where(vi, lam * jt, lam_c)
         m2 = (t >= 0)[:, None] & mask_n[None, :]
-        dd = DP + b * sDb + t.to(tl.int64)[:, None] * sDt + offs_n[None, :]
-        tl.store(dd, oz.to(DP.dtype.element_ty), mask=m2)
-        tl.store(dd + sDg, orr.to(DP.dtype.element_ty), mask=m2)
-        tl.store(dd + 2 * sDg, oc.to(DP.dtype.element_ty), mask=m2)
-    dap = DAP + b * 3 * N + offs_n
-    tl.store(dap, acc_z, mask=mask_n)
-    tl.store(dap + N, acc_r, mask=mask_n)
-    tl.store(dap + 2 * N, acc_c, mask=mask_n)
+        store3(Db + t.to(tl.int64)[:, None] * sDt, sDg, oz, orr, oc, m2)
+    # partials, rows: dA (z, r, c), then d bias (z, r, c)
+    store_partials(PART + b * sPart, N, offs_n, mask_n, A, clip, acc_z, acc_r, acc_c, sum_z, sum_r, sum_c,
+                   HAS_CLIP, HAS_BIAS)
     if HAS_H0:
         tl.store(DH0 + b * N + offs_n, lam_c, mask=mask_n)
 
 
 # =============================================================================================== LSTM
-@triton.jit(do_not_specialize=["sPb", "sHb", "sRb", "sRt", "sRn"])
+@triton.jit(do_not_specialize=["sPb", "sPh", "NH", "sHb", "sRb", "sRt", "sRn"])
 def lstm_sweep_fwd_kernel(
-    P, A, C, H0, RST, H,
-    T, N,
-    sPb, sPt, sPg, sH0b, sH0k, sRb, sRt, sRn, sHb, sHt, sHk,
+    P, BIAS, A, C, H0, RST, H,
+    T, N, NH, clip,
+    sPb, sPt, sPg, sPh, sH0b, sH0k, sRb, sRt, sRn, sHb, sHt, sHk,
+    HAS_BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, IN_HEAD: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_RST: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -218,11 +222,14 @@ def lstm_sweep_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     # parameters and inputs pre-scaled for lstm_step_scaled (exponent arguments in log2 units)
-    bf = tl.load(A + offs_n, mask=mask_n, other=0.0) * (-LOG2E)
-    bo = tl.load(A + N + offs_n, mask=mask_n, other=0.0) * (-LOG2E)
-    bz = tl.load(A + 2 * N + offs_n, mask=mask_n, other=0.0) * (-2.0 * LOG2E)
-    gf = tl.load(C + offs_n, mask=mask_n, other=0.0) * (-LOG2E)
-    go = tl.load(C + N + offs_n, mask=mask_n, other=0.0) * (-LOG2E)
+    bf = load_weight(A, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
+    bo = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
+    bz = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP) * (-2.0 * LOG2E)
+    gf = load_weight(C, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
+    go = load_weight(C + N, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
+    ef = (load_bias(BIAS, offs_n, mask_n, HAS_BIAS) * (-LOG2E))[None, :]
+    eo = (load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS) * (-LOG2E))[None, :]
+    ez = (load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS) * (-2.0 * LOG2E))[None, :]
     if HAS_H0:
         sc = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         sh = tl.load(H0 + b * sH0b + sH0k + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -231,26 +238,20 @@ def lstm_sweep_fwd_kernel(
         sh = tl.zeros([BLOCK_N], dtype=tl.float32)
     rows = tl.arange(0, CHUNK)
     zero_n = tl.arange(0, BLOCK_N) * sRn  # sRn = 0 at run time (see the module doc)
-    Pb = P + b * sPb + offs_n[None, :]
+    Pb = P + b * sPb + chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)[None, :]
     m2 = (rows < T)[:, None] & mask_n[None, :]
-    pp = Pb + rows.to(tl.int64)[:, None] * sPt
-    nf = tl.load(pp, mask=m2, other=0.0)
-    no = tl.load(pp + sPg, mask=m2, other=0.0)
-    nz = tl.load(pp + 2 * sPg, mask=m2, other=0.0)
+    nf, no, nz = load3(Pb + rows.to(tl.int64)[:, None] * sPt, sPg, m2)
     if HAS_RST:
         nk = _load_reset(RST + b * sRb, rows, sRt, zero_n, m2)
     for t0 in range(0, T, CHUNK):
-        qf = nf.to(tl.float32) * (-LOG2E)
-        qo = no.to(tl.float32) * (-LOG2E)
-        qz = nz.to(tl.float32) * (-2.0 * LOG2E)
+        qf = nf.to(tl.float32) * (-LOG2E) + ef
+        qo = no.to(tl.float32) * (-LOG2E) + eo
+        qz = nz.to(tl.float32) * (-2.0 * LOG2E) + ez
         if HAS_RST:
             kk = 1.0 - nk.to(tl.float32)
         tn = t0 + CHUNK + rows
         m2n = (tn < T)[:, None] & mask_n[None, :]
-        pp = Pb + tn.to(tl.int64)[:, None] * sPt
-        nf = tl.load(pp, mask=m2n, other=0.0)
-        no = tl.load(pp + sPg, mask=m2n, other=0.0)
-        nz = tl.load(pp + 2 * sPg, mask=m2n, other=0.0)
+        nf, no, nz = load3(Pb + tn.to(tl.int64)[:, None] * sPt, sPg, m2n)
         if HAS_RST:
             nk = _load_reset(RST + b * sRb, tn, sRt, zero_n, m2n)
         oc = tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32)
@@ -272,11 +273,13 @@ def lstm_sweep_fwd_kernel(
         tl.store(ho + sHk, oh.to(H.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["sPb", "sHb", "sGb", "sDb", "sRb", "sRt", "sRn"])
+@triton.jit(do_not_specialize=["sPb", "sPh", "NH", "sHb", "sGb", "sDb", "sDh", "sRb", "sRt", "sRn"])
 def lstm_sweep_bwd_kernel(
-    P, A, C, H0, RST, H, G, DP, DAP, DCP, DH0,
-    T, N,
-    sPb, sPt, sPg, sH0b, sH0k, sRb, sRt, sRn, sHb, sHt, sHk, sGb, sGt, sGk, sDb, sDt, sDg,
+    P, BIAS, A, C, H0, RST, H, G, DP, PART, DH0,
+    T, N, NH, clip,
+    sPb, sPt, sPg, sPh, sH0b, sH0k, sRb, sRt, sRn, sHb, sHt, sHk, sGb, sGt, sGk, sDb, sDt, sDg, sDh,
+    sPart,
+    HAS_BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, IN_HEAD: tl.constexpr, HAS_GC: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_RST: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -284,17 +287,21 @@ def lstm_sweep_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    af = tl.load(A + offs_n, mask=mask_n, other=0.0)
-    ao = tl.load(A + N + offs_n, mask=mask_n, other=0.0)
-    az = tl.load(A + 2 * N + offs_n, mask=mask_n, other=0.0)
-    cf = tl.load(C + offs_n, mask=mask_n, other=0.0)
-    co = tl.load(C + N + offs_n, mask=mask_n, other=0.0)
+    af = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)
+    ao = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)
+    az = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)
+    cf = load_weight(C, offs_n, mask_n, clip, HAS_CLIP)
+    co = load_weight(C + N, offs_n, mask_n, clip, HAS_CLIP)
+    bf = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)[None, :]
+    bo = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)[None, :]
+    bz = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)[None, :]
     if HAS_H0:
         h0c = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         h0h = tl.load(H0 + b * sH0b + sH0k + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     rows = tl.arange(0, CHUNK)
     zero_n = tl.arange(0, BLOCK_N) * sRn  # sRn = 0 at run time (see the module doc)
-    Pb = P + b * sPb + offs_n[None, :]
+    Pb = P + b * sPb + chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)[None, :]
+    Db = DP + b * sDb + chan_offsets(pid_n, NH, sDh, BLOCK_N, IN_HEAD)[None, :]
     Hb = H + b * sHb + offs_n[None, :]
     Gb = G + b * sGb + offs_n[None, :]
     t = T - 1 - rows
@@ -303,11 +310,10 @@ def lstm_sweep_bwd_kernel(
     tt = t.to(tl.int64)[:, None]
     nsc = tl.load(Hb + (tt - 1) * sHt, mask=m2p, other=0.0)
     nsh = tl.load(Hb + (tt - 1) * sHt + sHk, mask=m2p, other=0.0)
-    nf = tl.load(Pb + tt * sPt, mask=m2, other=0.0)
-    no = tl.load(Pb + tt * sPt + sPg, mask=m2, other=0.0)
-    nz = tl.load(Pb + tt * sPt + 2 * sPg, mask=m2, other=0.0)
-    ngc = tl.load(Gb + tt * sGt, mask=m2, other=0.0)
+    nf, no, nz = load3(Pb + tt * sPt, sPg, m2)
     ngh = tl.load(Gb + tt * sGt + sGk, mask=m2, other=0.0)
+    if HAS_GC:
+        ngc = tl.load(Gb + tt * sGt, mask=m2, other=0.0)
     if HAS_RST:
         nk = _load_reset(RST + b * sRb, t, sRt, zero_n, m2)
     lc_c = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -317,6 +323,9 @@ def lstm_sweep_bwd_kernel(
     acc_z = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_cf = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_co = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_f = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_o = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_z = tl.zeros([BLOCK_N], dtype=tl.float32)
     num_chunks = tl.cdiv(T, CHUNK)
     for k in range(0, num_chunks):
         t_hi = T - k * CHUNK
@@ -331,22 +340,24 @@ def lstm_sweep_bwd_kernel(
             kk = 1.0 - nk.to(tl.float32)
             sct = sct * kk
             sht = sht * kk
-        pf = nf.to(tl.float32)
-        po = no.to(tl.float32)
-        pz = nz.to(tl.float32)
-        gct = ngc.to(tl.float32)
+        pf = nf.to(tl.float32) + bf
+        po = no.to(tl.float32) + bo
+        pz = nz.to(tl.float32) + bz
         ght = ngh.to(tl.float32)
+        if HAS_GC:
+            gct = ngc.to(tl.float32)
+        else:
+            gct = tl.zeros_like(ght)
         tn = t - CHUNK
         m2n = (tn >= 0)[:, None] & mask_n[None, :]
         m2pn = (tn >= 1)[:, None] & mask_n[None, :]
         ttn = tn.to(tl.int64)[:, None]
         nsc = tl.load(Hb + (ttn - 1) * sHt, mask=m2pn, other=0.0)
         nsh = tl.load(Hb + (ttn - 1) * sHt + sHk, mask=m2pn, other=0.0)
-        nf = tl.load(Pb + ttn * sPt, mask=m2n, other=0.0)
-        no = tl.load(Pb + ttn * sPt + sPg, mask=m2n, other=0.0)
-        nz = tl.load(Pb + ttn * sPt + 2 * sPg, mask=m2n, other=0.0)
-        ngc = tl.load(Gb + ttn * sGt, mask=m2n, other=0.0)
+        nf, no, nz = load3(Pb + ttn * sPt, sPg, m2n)
         ngh = tl.load(Gb + ttn * sGt + sGk, mask=m2n, other=0.0)
+        if HAS_GC:
+            ngc = tl.load(Gb + ttn * sGt, mask=m2n, other=0.0)
         if HAS_RST:
             nk = _load_reset(RST + b * sRb, tn, sRt, zero_n, m2n)
         of = tl.zeros([CHUNK, BLOCK_N], dtype=tl.float32)
@@ -373,6 +384,10 @@ def lstm_sweep_bwd_kernel(
             acc_z += tl.where(vi, gz * sh, 0.0)
             acc_cf += tl.where(vi, gf * sc, 0.0)
             acc_co += tl.where(vi, go * cn, 0.0)
+            if HAS_BIAS:
+                sum_f += tl.where(vi, gf, 0.0)
+                sum_o += tl.where(vi, go, 0.0)
+                sum_z += tl.where(vi, gz, 0.0)
             j11, j12, j21, j22 = lstm_jac(sc, f, z, o, tc, af, ao, az, cf, co)
             if HAS_RST:
                 ki = _row(kk, sel)
@@ -383,17 +398,12 @@ def lstm_sweep_bwd_kernel(
             lc_c = tl.where(vi, j11 * lc + j21 * lh, lc_c)
             lh_c = tl.where(vi, j12 * lc + j22 * lh, lh_c)
         m2 = (t >= 0)[:, None] & mask_n[None, :]
-        dd = DP + b * sDb + t.to(tl.int64)[:, None] * sDt + offs_n[None, :]
-        tl.store(dd, of.to(DP.dtype.element_ty), mask=m2)
-        tl.store(dd + sDg, oo.to(DP.dtype.element_ty), mask=m2)
-        tl.store(dd + 2 * sDg, oz.to(DP.dtype.element_ty), mask=m2)
-    dap = DAP + b * 3 * N + offs_n
-    tl.store(dap, acc_f, mask=mask_n)
-    tl.store(dap + N, acc_o, mask=mask_n)
-    tl.store(dap + 2 * N, acc_z, mask=mask_n)
-    dcp = DCP + b * 2 * N + offs_n
-    tl.store(dcp, acc_cf, mask=mask_n)
-    tl.store(dcp + N, acc_co, mask=mask_n)
+        store3(Db + t.to(tl.int64)[:, None] * sDt, sDg, of, oo, oz, m2)
+    # partials, rows: dA (f, o, z), d bias (f, o, z), then dC (f, o)
+    part = PART + b * sPart
+    store_partials(part, N, offs_n, mask_n, A, clip, acc_f, acc_o, acc_z, sum_f, sum_o, sum_z, HAS_CLIP, HAS_BIAS)
+    store_weight_grad(part + 6 * N, acc_cf, C, offs_n, mask_n, clip, HAS_CLIP)
+    store_weight_grad(part + 7 * N, acc_co, C + N, offs_n, mask_n, clip, HAS_CLIP)
     if HAS_H0:
         tl.store(DH0 + b * 2 * N + offs_n, lc_c, mask=mask_n)
         tl.store(DH0 + b * 2 * N + N + offs_n, lh_c, mask=mask_n)

@@ -192,6 +192,38 @@ class ParaRNNCell(nn.Module):
             db = dP.sum(0, dtype=_compute_dtype(dP.dtype)).reshape(G, self.state_dim)
         return dx, dB, db
 
+    def project_heads(self, x: Tensor, B: Tensor) -> Tensor:
+        """The projection without bias as one batched GEMM over heads: ``[batch, T, G, H, N/H]``.
+
+        A view of head-major storage ``[H, batch, T, G, N/H]`` (what the GEMM writes; channel
+        ``n = head·N/H + j``); the Triton kernels read it in place and add the bias themselves, so
+        the forward has no relayout copy and no separate bias add.
+        """
+        H, G = self.num_heads, self.num_gates
+        Bsz, T = x.shape[:2]
+        Dh, Nh = self.input_dim // H, self.state_dim // H
+        xh = x.reshape(Bsz * T, H, Dh).transpose(0, 1)  # [H, M, Dh], a strided view
+        Ph = torch.bmm(xh, B.reshape(H, Dh, G * Nh).to(x.dtype))
+        return Ph.view(H, Bsz, T, G, Nh).permute(1, 2, 3, 0, 4)
+
+    def project_heads_backward(self, x: Optional[Tensor], B: Tensor, dP: Tensor, needs: tuple) -> tuple:
+        """``(dx, dB)`` of :meth:`project_heads` from ``dP`` in its layout (head-major storage).
+
+        The GEMMs run in dP's dtype (the cast autocast would have made in the forward).
+        """
+        H, G = self.num_heads, self.num_gates
+        Bsz, T = dP.shape[:2]
+        Dh, Nh = self.input_dim // H, self.state_dim // H
+        dPh = dP.permute(3, 0, 1, 2, 4).reshape(H, Bsz * T, G * Nh)  # a view for head-major dP
+        Bh = B.reshape(H, Dh, G * Nh).to(dP.dtype)
+        dx = dB = None
+        if needs[0]:
+            dx = torch.bmm(dPh, Bh.transpose(1, 2)).transpose(0, 1).reshape(Bsz, T, self.input_dim)
+        if needs[1]:
+            xh = x.reshape(Bsz * T, H, Dh).permute(1, 2, 0).to(dP.dtype)  # [H, Dh, M]
+            dB = torch.bmm(xh, dPh).view(B.shape)
+        return dx, dB
+
     @staticmethod
     def transition(h: Tensor, p: Tensor, *rp: Tensor) -> Tensor:
         """``f(h_{t-1}, P_t)``: ``h [..., K, N]``, ``p [..., G, N]``, recurrent params -> ``[..., K, N]``."""
@@ -288,14 +320,13 @@ class ParaRNNCell(nn.Module):
         self._check_inputs(x, state, reset)
         Bsz, K, N = x.shape[0], self.state_blocks, self.state_dim
         h0 = state.reshape(Bsz, K, N) if state is not None else None
-        rp = self.recurrent_params()
         if self.mode == "sequential":
-            hs = self._sequential(x, h0, reset, rp)
+            hs = self._sequential(x, h0, reset, self.recurrent_params())
+            y, final = hs[..., -1, :], hs[:, -1]
         else:
-            hs, residual = _NewtonApply.apply(self, self._backend(x), x, h0, reset, self.B, self.b, *rp)
-            self.last_residual = residual if self.track_residual else None
-        y = hs[..., -1, :]
-        return (y, hs[:, -1].reshape(Bsz, K * N)) if return_state else y
+            y, final = _NewtonApply.apply(self, self._backend(x), x, h0, reset, self.B, self.b,
+                                          *self.recurrent_weights())
+        return (y, final.reshape(Bsz, K * N)) if return_state else y
 
     def _sequential(self, x, h0, reset, rp):
         dtype = _compute_dtype(x.dtype)
@@ -379,68 +410,103 @@ def _interpreting() -> bool:
 class _NewtonApply(torch.autograd.Function):
     """Parallel application of a cell: Newton forward, adjoint-scan backward (torch or Triton).
 
-    The backward gets ``dP`` (and the recurrent-parameter and initial-state gradients) from the adjoint
-    scan, then forms ``dx``, ``dB`` and ``db`` from ``dP`` in closed form
-    (:meth:`ParaRNNCell.project_backward`: two einsums and a sum, no autograd), each only if needed.
+    Outputs ``y = h[..., K-1, :]`` (the h part of the trajectory) and the final state ``[B, K, N]``
+    (views of the trajectory). The recurrent weights come unclipped; the clip is applied here (by the
+    kernels on the Triton path) and their gradients are masked where it was active, as
+    ``torch.clamp``'s would be.
+
+    Triton path (the training hot path, kept to few host-side ops because at short T the launch
+    overhead, not the GPU, sets the speed): forward = one batched GEMM (:meth:`ParaRNNCell.project_heads`)
+    + one kernel that adds the bias and clips; backward = one kernel (dP in the GEMM's layout and
+    per-(batch, channel) partials of every parameter gradient) + one sum + two GEMMs for dx, dB.
+
+    Torch path: P from :meth:`ParaRNNCell.project`, Newton and the adjoint scan in torch, then
+    ``dx``, ``dB``, ``db`` in closed form (:meth:`ParaRNNCell.project_backward`: no autograd).
 
     Memory: saved are ``x`` (for dB, or to recompute P), the trajectory h, ``h0``, ``reset``, the
     parameters and, if ``cell.save_projection`` (default), the projection ``P``: G·N = 3N values per
     token against D_in for x, i.e. about 3× the activation memory of x, to spare the backward one
-    projection GEMM. With ``save_projection = False`` the backward recomputes P with one einsum (no
-    autograd graph), for memory-bound large models.
+    projection GEMM. With ``save_projection = False`` the backward recomputes P.
     """
 
     @staticmethod
-    def forward(ctx, cell, backend, x, h0, reset, B, b, *rp):
-        dtype = _compute_dtype(x.dtype)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        ctx.autocast = (x.device.type, torch.get_autocast_dtype(x.device.type), autocast)
-        P = cell.project(x, B, b)
-        rp32 = tuple(r.to(dtype) for r in rp)
-        keep = None if reset is None else (~reset).to(dtype)[:, :, None, None]
+    def forward(ctx, cell, backend, x, h0, reset, B, b, *rw):
+        ctx.set_materialize_grads(False)
+        clip = cell.clip
         if backend is not None:
-            h, residual = backend.newton_forward(cell.kernel_name, P, *_kernel_params(rp32), h0, reset,
-                                                 cell.newton_iters, cell.track_residual)
+            P = cell.project_heads(x, B)
+            h, residual = backend.newton_forward(cell.kernel_name, P, *_kernel_params(rw), h0, reset,
+                                                 cell.newton_iters, cell.track_residual, bias=b, clip=clip,
+                                                 out_dtype=x.dtype)
         else:
-            h, residual = cell._newton(P.to(dtype), rp32, None if h0 is None else h0.to(dtype), keep)
-        h = h.to(x.dtype)
+            dtype = _compute_dtype(x.dtype)
+            autocast = torch.is_autocast_enabled(x.device.type)
+            ctx.autocast = (x.device.type, torch.get_autocast_dtype(x.device.type), autocast)
+            P = cell.project(x, B, b)
+            keep = None if reset is None else (~reset).to(dtype)[:, :, None, None]
+            rp = tuple((r.clamp(-clip, clip) if clip else r).to(dtype) for r in rw)
+            h, residual = cell._newton(P.to(dtype), rp, None if h0 is None else h0.to(dtype), keep)
+            h = h.to(x.dtype)
+        cell.last_residual = residual if cell.track_residual else None
         ctx.cell, ctx.backend = cell, backend
         save_P = bool(cell.save_projection)
         need_x = ctx.needs_input_grad[5] or not save_P  # x: for dB, or to recompute P
-        ctx.save_for_backward(x if need_x else None, P if save_P else None, h0, reset, B, b, h, *rp)
-        if residual is None:
-            residual = torch.full((), float("nan"), device=x.device)
-        ctx.mark_non_differentiable(residual)
-        return h, residual
+        ctx.save_for_backward(x if need_x else None, P if save_P else None, h0, reset, B, b, h, *rw)
+        return h[:, :, -1], h[:, -1]
 
     @staticmethod
-    def backward(ctx, grad_h, _grad_residual):
-        x, P, h0, reset, B, b, h, *rp = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_final):
+        x, P, h0, reset, B, b, h, *rw = ctx.saved_tensors
         cell, backend = ctx.cell, ctx.backend
-        dtype = _compute_dtype(h.dtype)  # h.dtype == x.dtype
-        device_type, autocast_dtype, autocast = ctx.autocast
-        amp = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast)
-        if P is None:
-            with torch.no_grad(), amp:
-                P = cell.project(x, B, b)
-        rp32 = tuple(r.to(dtype) for r in rp)
-        if backend is not None:
-            dP, dA, dC, dh0 = backend.adjoint_backward(cell.kernel_name, P, *_kernel_params(rp32),
-                                                       h0, reset, h, grad_h)
-            drp = (dA,) if dC is None else (dA, dC)
+        n_in = 7 + len(rw)
+        if grad_y is None and grad_final is None:
+            return (None,) * n_in
+        Bsz, T, K, N = h.shape
+        if grad_final is None and grad_y is not None and backend is not None:
+            grad_h = grad_y  # the kernels take the h part alone
         else:
-            keep = None if reset is None else (~reset).to(dtype)[:, :, None, None]
-            dP, drp, dh0 = cell._adjoint(P.to(dtype), rp32, None if h0 is None else h0.to(dtype),
-                                         keep, h.to(dtype), grad_h.to(dtype))
+            grad_h = h.new_zeros(Bsz, T, K, N)
+            if grad_y is not None:
+                grad_h[:, :, -1] = grad_y
+            if grad_final is not None:
+                grad_h[:, -1] += grad_final
         needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[5], ctx.needs_input_grad[6])
-        with amp:  # the projection GEMMs in the activation dtype P had in the forward
-            dx, dB, db = cell.project_backward(x, B, dP.to(P.dtype), needs)
+        if backend is not None:
+            if P is None:
+                with torch.no_grad():
+                    P = cell.project_heads(x, B)
+            dP, dA, dC, db, dh0 = backend.adjoint_backward(cell.kernel_name, P, *_kernel_params(rw), h0, reset,
+                                                           h, grad_h, bias=b, clip=cell.clip)
+            drw = (dA,) if dC is None else (dA, dC)
+            dx, dB = cell.project_heads_backward(x, B, dP, needs)
+        else:
+            dx, dB, db, drw, dh0 = _torch_backward(ctx, cell, x, P, h0, reset, B, b, h, rw, grad_h, needs)
         dx = None if dx is None else dx.to(h.dtype)
         dB = None if dB is None else dB.to(B.dtype)
-        db = None if db is None else db.to(b.dtype)
+        db = None if db is None or not needs[2] else db.to(b.dtype)
         dh0 = None if dh0 is None or not ctx.needs_input_grad[3] else dh0.to(h0.dtype)
-        drp = tuple(d.to(r.dtype) for d, r in zip(drp, rp))
-        return (None, None, dx, dh0, None, dB, db, *drp)
+        drw = tuple(d.to(r.dtype) for d, r in zip(drw, rw))
+        return (None, None, dx, dh0, None, dB, db, *drw)
+
+
+def _torch_backward(ctx, cell, x, P, h0, reset, B, b, h, rw, grad_h, needs):
+    """The torch path's backward: adjoint scan, then the projection's gradients in closed form."""
+    dtype = _compute_dtype(h.dtype)
+    device_type, autocast_dtype, autocast = ctx.autocast
+    amp = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast)
+    if P is None:
+        with torch.no_grad(), amp:
+            P = cell.project(x, B, b)
+    clip = cell.clip
+    rp = tuple((r.clamp(-clip, clip) if clip else r).to(dtype) for r in rw)
+    keep = None if reset is None else (~reset).to(dtype)[:, :, None, None]
+    dP, drp, dh0 = cell._adjoint(P.to(dtype), rp, None if h0 is None else h0.to(dtype), keep,
+                                 h.to(dtype), grad_h.to(dtype))
+    if clip:  # clamp's gradient: zero where the clamp was active
+        drp = tuple(d * (r.abs() <= clip) for d, r in zip(drp, rw))
+    with amp:  # the projection GEMMs in the activation dtype P had in the forward
+        dx, dB, db = cell.project_backward(x, B, dP.to(P.dtype), needs)
+    return dx, dB, db, drp, dh0
 
 
 def _kernel_params(rp: tuple) -> tuple:
