@@ -11,9 +11,10 @@ What is special here, compared with ``transformers.Mamba2ForCausalLM``:
   ``config.use_triton`` forces either one.
 * **Same parameters, same function.** Module and parameter names are HF's (``backbone.layers.N.mixer
   .in_proj`` ...), the block is HF's (RMSNorm, mixer, fp32 residual), HF's default initialisation is
-  kept (the paper trained "the HuggingFace implementation with default init"), and for a single
-  document the output equals HF's torch path. ``save_pretrained`` writes ``architectures:
-  ["Mamba2ForCausalLM"]`` so exports load with plain transformers.
+  kept (the paper trained "the HuggingFace implementation with default init") except for the LM head
+  (``Mamba2DocForCausalLM.initialize_weights`` says why), and for a single document the output equals
+  HF's torch path. ``save_pretrained`` writes ``architectures: ["Mamba2ForCausalLM"]`` so exports load
+  with plain transformers.
 * ``forward`` defaults ``use_cache`` to False (HF's follows ``config.use_cache`` in eval mode), so
   plain calls (training, validation) take the path with resets. With a cache (``generate()``) or a
   padding ``attention_mask`` the mixer defers to HF's own code, which knows nothing of documents:
@@ -21,12 +22,14 @@ What is special here, compared with ``transformers.Mamba2ForCausalLM``:
 * Logits are returned in the head's dtype (HF upcasts them to fp32, which at seq 2048 × 50k vocab
   costs GBs per batch); the training loss upcasts where it needs to.
 """
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Mamba2ForCausalLM
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.mamba2.modeling_mamba2 import (
@@ -176,6 +179,19 @@ class Mamba2DocForCausalLM(Mamba2ForCausalLM):
         self.backbone = Mamba2DocModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """HF's initialisation, then the LM head's as mamba-ssm's (parameters loaded from a checkpoint are skipped).
+
+        HF's ``_init_weights`` draws every ``nn.Linear`` from N(0, initializer_range=0.1) whatever its
+        width, the LM head included. Behind ``norm_f`` (unit RMS) the logits then have std 0.1·√d: 4.5
+        at d=2048, 6.4 at d=4096, and the initial loss is ~20 (1B) / ~28 (7B) instead of about ln V.
+        mamba-ssm leaves an untied head at ``nn.Linear``'s default, U(±1/√d): logits of std 1/√3 at
+        every width, initial loss ln V + ~0.2.
+        """
+        super().initialize_weights()
+        init.kaiming_uniform_(self.lm_head.weight, a=math.sqrt(5))  # nn.Linear's default: U(±1/√d)
 
     def forward(self, input_ids: Optional[torch.LongTensor] = None, position_ids: Optional[torch.LongTensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, cache_params: Optional[Cache] = None,

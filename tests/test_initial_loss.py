@@ -1,0 +1,81 @@
+"""Initial loss: a freshly built model of every architecture predicts about uniformly over its vocabulary.
+
+Before any update the mean next-token cross-entropy should be close to ln V (V: the number of logits,
+computed here from the model's output). An untied LM head whose logits have std σ starts at about
+ln V + σ²/2, so the band [ln V - 0.5, ln V + 1.5] admits heads of up to σ ≈ 1.7 (the presets: 0.58
+Mamba2, 1 Transformer, ≤ 1.3 ParaRNN). A head drawn without regard to the width (HF's Mamba2
+``_init_weights``: N(0, 0.1), so σ = 0.1·√d) starts near 20 at the 1B width and 28 at the 7B width,
+while at the tiny presets' d = 64 it is within the band: hence the two tests.
+
+* The tiny presets, whole, built as train.py builds them (seeded, then ``models.registry.build_model``
+  with the tokenizer's vocabulary), on packed rows of the embedded corpus.
+* The 1B and 7B presets at their width, without blocks and with a 4096-token vocabulary, on random
+  tokens. Behind the final RMSNorm (weight 1) the head sees unit-RMS features whatever the blocks did,
+  so the initial loss depends on the head's scale against the width, not on depth (Mamba2 at the 7B
+  width before the fix, on the corpus: 28.1, 28.0, 27.6 with 2, 4, 8 blocks; the 1B preset 20.1 with
+  2 blocks, 20.7 with all 48). Dropping the blocks and most of the vocabulary keeps this fast: one
+  7B-width Transformer block alone takes ~15 s to initialise on a CPU core.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.count import load_preset
+from models.registry import build_model
+
+ARCHS = ("mamba2", "paragru", "paralstm", "transformer")
+BAND = (-0.5, 1.5)  # allowed initial loss minus ln V
+SEED = 1234  # configs/config.yaml's
+
+
+def initial_loss(model, input_ids, labels, position_ids) -> tuple[float, int, float]:
+    """(mean cross-entropy, number of logits V, logits' std) of ``model`` in eval mode, without gradients."""
+    with torch.no_grad():
+        logits = model.eval()(input_ids=input_ids, position_ids=position_ids).logits.float()
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+    return loss, logits.shape[-1], logits.std().item()
+
+
+def assert_near_ln_vocab(name, loss, vocab, logit_std):
+    ln_v = math.log(vocab)
+    assert BAND[0] < loss - ln_v < BAND[1], (f"{name}: initial loss {loss:.2f}, ln V = {ln_v:.2f} (V = {vocab}), "
+                                             f"logits' std {logit_std:.2f}")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """The tokenizer's size and a batch of 4 packed rows of 128 tokens from the embedded corpus."""
+    from data.pipeline import DataConfig, PackedStream, load_tokenizer
+
+    cfg = DataConfig(seq_len=128)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    return len(tokenizer), next(PackedStream(cfg, tokenizer, batch_size=4))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_preset_starts_near_ln_vocab(arch, corpus):
+    n_tokens, batch = corpus
+    preset = load_preset(f"{arch}_tiny")
+    torch.manual_seed(SEED)
+    model = build_model(preset["arch"], preset["config"], n_tokens)
+    loss, vocab, std = initial_loss(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+    assert vocab == model.config.vocab_size >= n_tokens
+    assert_near_ln_vocab(f"{arch}_tiny", loss, vocab, std)
+
+
+@pytest.mark.parametrize("size", ("1b", "7b"))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_paper_width_starts_near_ln_vocab(arch, size):
+    preset = load_preset(f"{arch}_{size}")
+    vocab = 4096
+    config = dict(preset["config"], num_hidden_layers=0, vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(SEED)
+    model = build_model(preset["arch"], config)
+    assert model.config.hidden_size == preset["config"]["hidden_size"]
+    tokens = torch.randint(0, vocab, (4, 257), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(256).expand(4, -1)
+    loss, logits, std = initial_loss(model, tokens[:, :-1], tokens[:, 1:], positions)
+    assert logits == vocab
+    assert_near_ln_vocab(f"{arch}_{size} without blocks", loss, vocab, std)
