@@ -276,3 +276,49 @@ def test_pick_method_rule():
     assert pick_method("gru", 16, 2048, 1024, "bwd") == "newton"
     assert pick_method("lstm", 4, 2048, 1024, "bwd") == "newton"
     assert pick_method("lstm", 8, 2048, 1024, "bwd") == "sweep"
+
+
+def test_launch_cache_dispatch(monkeypatch):
+    """``api._launch`` (GPU only; here with a stand-in kernel): the first launch of a specialisation
+    goes through Triton, repeats call the compiled launcher with every argument in signature order,
+    and anything Triton specialises on (dtype, alignment, int divisibility, constexprs) misses."""
+    from kernels.pararnn import api
+
+    calls = []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *a):
+            calls.append(("fast", a))
+
+    class Kernel:
+        arg_names = ["X", "n", "FLAG", "BLOCK"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: (calls.append(("triton", grid, a, k)), Compiled())[1]
+
+    class Driver:
+        class active:
+            @staticmethod
+            def get_current_stream(device):
+                return "stream"
+
+    monkeypatch.setattr(api, "_INTERPRET", False)
+    monkeypatch.setattr(api, "_driver", Driver)
+    monkeypatch.setattr(api, "_LAUNCHERS", {})
+    kern, x = Kernel(), torch.zeros(64)
+    api._launch("fwd", kern, (2, 3), (x, 32), {"BLOCK": 16, "FLAG": True}, 4)
+    api._launch("fwd", kern, (2, 3), (x, 48), {"BLOCK": 16, "FLAG": True}, 4)
+    assert [c[0] for c in calls] == ["triton", "fast"]
+    assert calls[0][3] == {"BLOCK": 16, "FLAG": True, "num_warps": 4}
+    assert calls[1][1] == (2, 3, 1, "stream", "fn", "meta", None, None, None, x, 48, True, 16)
+    for args, consts, nw in (((x, 33), {"BLOCK": 16, "FLAG": True}, 4),        # 33 % 16 != 0
+                             ((x, 1), {"BLOCK": 16, "FLAG": True}, 4),         # == 1
+                             ((x.double(), 32), {"BLOCK": 16, "FLAG": True}, 4),
+                             ((x[1:], 32), {"BLOCK": 16, "FLAG": True}, 4),    # 4-byte aligned
+                             ((x, 32), {"BLOCK": 16, "FLAG": False}, 4),
+                             ((x, 32), {"BLOCK": 16, "FLAG": True}, 8)):
+        calls.clear()
+        api._launch("fwd", kern, (2, 3), args, consts, nw)
+        assert [c[0] for c in calls] == ["triton"], (args[1], consts, nw)

@@ -282,6 +282,8 @@ class ParaRNNCell(nn.Module):
     def _backend(self, x: Tensor):
         if self.mode != "triton":
             return None
+        if x.is_cuda and _CUDA_KERNELS:
+            return _CUDA_KERNELS[0]  # found usable before: spare the import and checks on every call
         reason = None
         try:
             from kernels import pararnn as triton_kernels
@@ -293,6 +295,8 @@ class ParaRNNCell(nn.Module):
             elif not triton_kernels.available() or (x.device.type != "cuda" and not _interpreting()):
                 reason = "Triton needs a CUDA device (or TRITON_INTERPRET=1)"
             else:
+                if x.is_cuda:
+                    _CUDA_KERNELS[:] = [triton_kernels]
                 return triton_kernels
         warnings.warn(f"{type(self).__name__}: mode='triton' unavailable: {reason}; using mode='parallel'",
                       stacklevel=3)
@@ -399,6 +403,9 @@ class ParaRNNCell(nn.Module):
         h = torch.zeros(Bsz, K, N, dtype=dtype, device=x_t.device) if state is None else state.reshape(Bsz, K, N).to(dtype)
         h = self.transition(h, p, *(r.to(dtype) for r in self.recurrent_params()))
         return h[:, -1].to(x_t.dtype), h.reshape(Bsz, K * N).to(x_t.dtype)
+
+
+_CUDA_KERNELS: list = []  # kernels.pararnn, once it has run on a CUDA tensor
 
 
 def _interpreting() -> bool:
