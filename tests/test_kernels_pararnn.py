@@ -279,9 +279,9 @@ def test_pick_method_rule():
 
 
 def test_launch_cache_dispatch(monkeypatch):
-    """``api._launch`` (GPU only; here with a stand-in kernel): the first launch of a specialisation
-    goes through Triton, repeats call the compiled launcher with every argument in signature order,
-    and anything Triton specialises on (dtype, alignment, int divisibility, constexprs) misses."""
+    """``api._launch`` (GPU only; here with a stand-in kernel): the first launch of a key goes through
+    Triton, a repeat calls the compiled launcher with every argument in signature order, and any
+    change Triton could specialise on (dtype, alignment, an int's value, constexprs, warps) misses."""
     from kernels.pararnn import api
 
     calls = []
@@ -308,17 +308,18 @@ def test_launch_cache_dispatch(monkeypatch):
     monkeypatch.setattr(api, "_driver", Driver)
     monkeypatch.setattr(api, "_LAUNCHERS", {})
     kern, x = Kernel(), torch.zeros(64)
-    api._launch("fwd", kern, (2, 3), (x, 32), {"BLOCK": 16, "FLAG": True}, 4)
-    api._launch("fwd", kern, (2, 3), (x, 48), {"BLOCK": 16, "FLAG": True}, 4)
+    consts = {"BLOCK": 16, "FLAG": True}
+    api._launch("fwd", kern, (2, 3), (x,), (32,), consts, 4)
+    api._launch("fwd", kern, (2, 3), (torch.ones(64),), (32,), consts, 4)  # another tensor, same key
     assert [c[0] for c in calls] == ["triton", "fast"]
-    assert calls[0][3] == {"BLOCK": 16, "FLAG": True, "num_warps": 4}
-    assert calls[1][1] == (2, 3, 1, "stream", "fn", "meta", None, None, None, x, 48, True, 16)
-    for args, consts, nw in (((x, 33), {"BLOCK": 16, "FLAG": True}, 4),        # 33 % 16 != 0
-                             ((x, 1), {"BLOCK": 16, "FLAG": True}, 4),         # == 1
-                             ((x.double(), 32), {"BLOCK": 16, "FLAG": True}, 4),
-                             ((x[1:], 32), {"BLOCK": 16, "FLAG": True}, 4),    # 4-byte aligned
-                             ((x, 32), {"BLOCK": 16, "FLAG": False}, 4),
-                             ((x, 32), {"BLOCK": 16, "FLAG": True}, 8)):
+    assert calls[0][2:] == ((x, 32), {"BLOCK": 16, "FLAG": True, "num_warps": 4})
+    assert calls[1][1][:9] == (2, 3, 1, "stream", "fn", "meta", None, None, None)
+    assert calls[1][1][10:] == (32, True, 16)
+    for ptrs, scalars, cst, nw in (((x,), (48,), consts, 4),
+                                   ((x.double(),), (32,), consts, 4),
+                                   ((x[1:],), (32,), consts, 4),      # 4-byte aligned
+                                   ((x,), (32,), {"BLOCK": 16, "FLAG": False}, 4),
+                                   ((x,), (32,), consts, 8)):
         calls.clear()
-        api._launch("fwd", kern, (2, 3), args, consts, nw)
-        assert [c[0] for c in calls] == ["triton"], (args[1], consts, nw)
+        api._launch("fwd", kern, (2, 3), ptrs, scalars, cst, nw)
+        assert [c[0] for c in calls] == ["triton"], (scalars, cst, nw)

@@ -208,12 +208,12 @@ def newton_forward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Opt
     if method == "newton":
         res_buf = torch.empty(grid[0] * B, device=P.device, dtype=torch.float32) if want_residual else dummy
         kern = _newton.gru_newton_fwd_kernel if cell == "gru" else _newton.lstm_newton_fwd_kernel
-        _launch("fwd", kern, grid, (*head, *opt, res_buf, *sizes, *sP, *s_h0, *sR, *s_h),
+        _launch("fwd", kern, grid, (*head, *opt, res_buf), (*sizes, *sP, *s_h0, *sR, *s_h),
                 dict(NUM_ITERS=num_iters, WANT_RES=want_residual, **flags), nw)
         residual = res_buf.amax() if want_residual else None
     else:
         kern = _sweep.gru_sweep_fwd_kernel if cell == "gru" else _sweep.lstm_sweep_fwd_kernel
-        _launch("fwd", kern, grid, (*head, *opt, *sizes, *sP, *s_h0, *sR, 0, *s_h), flags, nw)
+        _launch("fwd", kern, grid, (*head, *opt), (*sizes, *sP, *s_h0, *sR, 0, *s_h), flags, nw)
         residual = torch.zeros((), device=P.device, dtype=torch.float32) if want_residual else None
     return H, residual
 
@@ -291,27 +291,19 @@ def adjoint_backward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: O
             kern = _newton.gru_newton_bwd_kernel if cell == "gru" else _newton.lstm_newton_bwd_kernel
         else:
             kern = _sweep.gru_sweep_bwd_kernel if cell == "gru" else _sweep.lstm_sweep_bwd_kernel
-        _launch("bwd", kern, grid, (*head, *opt, *sizes, *strides), flags, nw)
+        _launch("bwd", kern, grid, (*head, *opt), (*sizes, *strides), flags, nw)
     sums = part.sum(0)
-    if sums.dtype != A.dtype and all(t is None or t.dtype == A.dtype for t in (C, bias)):
+    if A.dtype != sums.dtype and all(t is None or t.dtype == A.dtype for t in (C, bias)):
         sums = sums.to(A.dtype)  # one cast for all parameter gradients (the usual case)
-    dA = sums[:3].to(A.dtype)
-    dbias = sums[3:6].to(bias.dtype) if bias is not None else None
-    dC = sums[6:8].to(C.dtype) if cell == "lstm" else None
+    cast = lambda t, like: t if t.dtype == like.dtype else t.to(like.dtype)  # noqa: E731
+    dA = cast(sums[:3], A)
+    dbias = cast(sums[3:6], bias) if bias is not None else None
+    dC = cast(sums[6:8], C) if cell == "lstm" else None
     return dP, dA, dC, dbias, dh0
 
 
 # Compiled launchers by what Triton specialises a launch on (see _launch).
 _LAUNCHERS = {}
-
-
-def _spec(a):
-    """What Triton's specialisation of one argument depends on (a superset, so never too coarse)."""
-    if isinstance(a, Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, int) and not isinstance(a, bool):
-        return a == 1, a % 16 == 0, -(2 ** 31) <= a < 2 ** 31
-    return type(a), a if isinstance(a, bool) else None
 
 
 def _hooks_active() -> bool:
@@ -320,33 +312,36 @@ def _hooks_active() -> bool:
     return any(bool(getattr(h, "calls", h)) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
 
-def _launch(direction: str, kern, grid, args: tuple, consts: dict, num_warps: int) -> None:
-    """``kern[grid](*args, **consts, num_warps=...)``, with Triton's per-call dispatch cached.
+def _launch(direction: str, kern, grid, ptrs: tuple, scalars: tuple, consts: dict, num_warps: int) -> None:
+    """``kern[grid](*ptrs, *scalars, **consts, num_warps=...)``, with Triton's per-call dispatch cached.
 
     ``JITFunction.run`` binds and specialises every argument and builds a cache key on each call:
     ~60 µs of host time per launch on the H200 machine's CPU against ~11 µs for the compiled
     launcher itself (``benchmarks/profile_host.py``), which at short T is what the eager step waits
-    for. The first launch of a signature goes through Triton (compiling if needed); later ones with
-    the same specialisation key (dtypes, 16-byte alignment, int divisibility/==1/width, constexprs)
-    call the compiled launcher directly. Under the interpreter, or with Triton launch hooks set,
-    every launch takes Triton's own path.
+    for. The first launch of a key goes through Triton (compiling if needed); later ones call the
+    compiled launcher directly. The key holds the scalar values themselves (strides, sizes, clip),
+    the tensors' dtypes and 16-byte alignment, the constexprs and ``num_warps``: finer than what
+    Triton specialises on, so a hit always has the right compiled kernel (one entry per shape).
+    Under the interpreter, or with Triton launch hooks set, every launch takes Triton's own path.
+    Our kernels take their tensors first, then the scalars, then the constexprs.
     """
     if _INTERPRET or _hooks_active():
-        LAST_LAUNCH[direction] = kern[grid](*args, **consts, num_warps=num_warps)
+        LAST_LAUNCH[direction] = kern[grid](*ptrs, *scalars, **consts, num_warps=num_warps)
         return
-    device = args[0].device.index
-    key = (kern, device, num_warps, tuple(consts.items()), tuple(map(_spec, args)))
+    device = ptrs[0].device.index
+    key = (kern, device, num_warps, tuple(consts.items()), scalars, tuple([t.dtype for t in ptrs]),
+           tuple([t.data_ptr() & 15 for t in ptrs]))
     hit = _LAUNCHERS.get(key)
     if hit is None:
-        compiled = kern[grid](*args, **consts, num_warps=num_warps)
-        # the launcher takes every argument in signature order; the constexprs come last in ours
-        tail = tuple(consts[name] for name in kern.arg_names[len(args):])
+        compiled = kern[grid](*ptrs, *scalars, **consts, num_warps=num_warps)
+        # the launcher takes every argument in signature order, constexprs included
+        tail = tuple(consts[name] for name in kern.arg_names[len(ptrs) + len(scalars):])
         _LAUNCHERS[key] = (compiled, tail)
         LAST_LAUNCH[direction] = compiled
         return
     compiled, tail = hit
     compiled.run(grid[0], grid[1], 1, _driver.active.get_current_stream(device), compiled.function,
-                 compiled.packed_metadata, None, None, None, *args, *tail)
+                 compiled.packed_metadata, None, None, None, *ptrs, *scalars, *tail)
     LAST_LAUNCH[direction] = compiled
 
 

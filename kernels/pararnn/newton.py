@@ -16,6 +16,11 @@ adjoint ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}`` is a forward scan over the tile's r
 recomputed from ``h_t`` and ``P_{t+1}`` (both read from memory), so no shift is needed; the local
 VJP at ``(h_{t-1}, P_t)`` then gives ``dP_t`` and the per-channel sums for ``dA``/``dC``, written as
 per-(b, channel) partials (summed over b outside: deterministic, no atomics).
+
+P is read in the layout its GEMM wrote (``NH``/``sPh``: channels per head and head stride, see
+``_io.py``) with the projection bias added on load; the recurrent weights are clipped on load when
+``HAS_CLIP``; the backward's partials hold the weight gradients (zero where the clip was active) and
+the bias gradient (Σ dP).
 """
 import triton
 import triton.language as tl

@@ -20,6 +20,11 @@ gate on the dependent chain is FFMA → EX2 → FADD → RCP (``gru_step_scaled`
 Backward: the adjoint recurrence
 ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}`` walked backwards; the local VJP at step t yields both ``dP_t`` and
 ``J_tᵀ λ_t`` (the carry into step t − 1), so each step evaluates the cell once.
+
+P is read in the layout its GEMM wrote (``NH``/``sPh``: channels per head and head stride, see
+``_io.py``) with the projection bias added on load; the recurrent weights are clipped on load when
+``HAS_CLIP``; the backward's partials hold the weight gradients (zero where the clip was active) and
+the bias gradient (Σ dP).
 """
 import triton
 import triton.language as tl

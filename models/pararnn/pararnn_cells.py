@@ -43,6 +43,11 @@ def resets_from_cu_seqlens(cu_seqlens: Tensor, length: int) -> Tensor:
     return reset
 
 
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t.to(dtype)`` without the call when nothing changes (the triton path is host-bound at short T)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Chains of products over thousands of steps: bf16/fp16 storage is fine, bf16/fp16 math is not.
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -203,7 +208,7 @@ class ParaRNNCell(nn.Module):
         Bsz, T = x.shape[:2]
         Dh, Nh = self.input_dim // H, self.state_dim // H
         xh = x.reshape(Bsz * T, H, Dh).transpose(0, 1)  # [H, M, Dh], a strided view
-        Ph = torch.bmm(xh, B.reshape(H, Dh, G * Nh).to(x.dtype))
+        Ph = torch.bmm(xh, _cast(B.view(H, Dh, G * Nh), x.dtype))
         return Ph.view(H, Bsz, T, G, Nh).permute(1, 2, 3, 0, 4)
 
     def project_heads_backward(self, x: Optional[Tensor], B: Tensor, dP: Tensor, needs: tuple) -> tuple:
@@ -215,12 +220,14 @@ class ParaRNNCell(nn.Module):
         Bsz, T = dP.shape[:2]
         Dh, Nh = self.input_dim // H, self.state_dim // H
         dPh = dP.permute(3, 0, 1, 2, 4).reshape(H, Bsz * T, G * Nh)  # a view for head-major dP
-        Bh = B.reshape(H, Dh, G * Nh).to(dP.dtype)
         dx = dB = None
         if needs[0]:
-            dx = torch.bmm(dPh, Bh.transpose(1, 2)).transpose(0, 1).reshape(Bsz, T, self.input_dim)
+            # written straight into x's layout: [H, M, Dh] is a strided view of [M, H·Dh]
+            dx = dP.new_empty(Bsz, T, self.input_dim)
+            torch.bmm(dPh, _cast(B.view(H, Dh, G * Nh), dP.dtype).transpose(1, 2),
+                      out=dx.view(Bsz * T, H, Dh).transpose(0, 1))
         if needs[1]:
-            xh = x.reshape(Bsz * T, H, Dh).permute(1, 2, 0).to(dP.dtype)  # [H, Dh, M]
+            xh = _cast(x.reshape(Bsz * T, H, Dh).permute(1, 2, 0), dP.dtype)  # [H, Dh, M]
             dB = torch.bmm(xh, dPh).view(B.shape)
         return dx, dB
 
@@ -454,7 +461,8 @@ class _NewtonApply(torch.autograd.Function):
             rp = tuple((r.clamp(-clip, clip) if clip else r).to(dtype) for r in rw)
             h, residual = cell._newton(P.to(dtype), rp, None if h0 is None else h0.to(dtype), keep)
             h = h.to(x.dtype)
-        cell.last_residual = residual if cell.track_residual else None
+        if cell.track_residual or cell.last_residual is not None:  # nn.Module.__setattr__ is not free
+            cell.last_residual = residual if cell.track_residual else None
         ctx.cell, ctx.backend = cell, backend
         save_P = bool(cell.save_projection)
         need_x = ctx.needs_input_grad[5] or not save_P  # x: for dB, or to recompute P
@@ -488,11 +496,10 @@ class _NewtonApply(torch.autograd.Function):
             dx, dB = cell.project_heads_backward(x, B, dP, needs)
         else:
             dx, dB, db, drw, dh0 = _torch_backward(ctx, cell, x, P, h0, reset, B, b, h, rw, grad_h, needs)
-        dx = None if dx is None else dx.to(h.dtype)
-        dB = None if dB is None else dB.to(B.dtype)
-        db = None if db is None or not needs[2] else db.to(b.dtype)
-        dh0 = None if dh0 is None or not ctx.needs_input_grad[3] else dh0.to(h0.dtype)
-        drw = tuple(d.to(r.dtype) for d, r in zip(drw, rw))
+        dx, dB = _cast(dx, h.dtype), _cast(dB, B.dtype)
+        db = _cast(db, b.dtype) if needs[2] else None
+        dh0 = _cast(dh0, h0.dtype) if ctx.needs_input_grad[3] else None
+        drw = tuple(_cast(d, r.dtype) for d, r in zip(drw, rw))
         return (None, None, dx, dh0, None, dB, db, *drw)
 
 
