@@ -223,13 +223,14 @@ def test_bad_inputs():
         newton_forward("gru", P, A, None, None, None, method="magic")
 
 
-@pytest.mark.parametrize("variant", ["plain", "clip_state"])
+@pytest.mark.parametrize("variant", ["plain", "clip_state", "recompute"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_model_triton_mode_matches_sequential(cell, variant):
     """``models.pararnn`` cells: mode="triton" (these kernels) vs a float64 sequential copy.
 
     "clip_state": recurrent weights clipped at 0.5 (about half of them beyond it) and a loss on the
-    returned final state too (the backward's slow path with a full state gradient)."""
+    returned final state too (the backward's slow path with a full state gradient). "recompute":
+    ``save_projection = False`` (P redone in the backward)."""
     pararnn = pytest.importorskip("models.pararnn")
     import copy
 
@@ -239,6 +240,7 @@ def test_model_triton_mode_matches_sequential(cell, variant):
     K = K_OF[cell]
     clip = 0.5 if variant == "clip_state" else None
     m32 = cls(D, N, num_heads=2, mode="triton", clip=clip).to(DEVICE)
+    m32.save_projection = variant != "recompute"
     if clip:
         with torch.no_grad():
             for w in m32.recurrent_weights():
@@ -360,3 +362,26 @@ def test_lm_training_matches_parallel_mode(cell):
     assert l_p[-1] < l_p[0] - 0.1, l_p  # it trained
     for a, b in zip(p_t, p_p):
         assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["parallel", "triton"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_recomputed_projection_under_autocast(cell, mode):
+    """``save_projection = False`` redoes P in the backward under the forward's autocast state, so
+    the gradients equal those of the saved-P run (fp32 weights, fp16 autocast: the backward itself
+    does not run under autocast, and a plain recompute would be fp32)."""
+    pararnn = pytest.importorskip("models.pararnn")
+    cls = pararnn.ParaGRU if cell == "gru" else pararnn.ParaLSTM
+    torch.manual_seed(2)
+    m = cls(16, 16, num_heads=2, mode=mode).to(DEVICE)
+    x = torch.randn(2, 11, 16, device=DEVICE)
+    w = torch.randn(2, 11, 16, device=DEVICE)
+    grads = []
+    for save in (True, False):
+        m.save_projection = save
+        xx = x.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            y = m(xx)
+        grads.append(torch.autograd.grad((y.float() * w).sum(), [xx] + list(m.parameters())))
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -447,6 +447,10 @@ class _NewtonApply(torch.autograd.Function):
     def forward(ctx, cell, backend, x, h0, reset, B, b, *rw):
         ctx.set_materialize_grads(False)
         clip = cell.clip
+        save_P = bool(cell.save_projection)
+        if backend is None or not save_P:  # the backward redoes a projection under the same autocast state
+            ctx.autocast = (x.device.type, torch.get_autocast_dtype(x.device.type),
+                            torch.is_autocast_enabled(x.device.type))
         if backend is not None:
             P = cell.project_heads(x, B)
             h, residual = backend.newton_forward(cell.kernel_name, P, *_kernel_params(rw), h0, reset,
@@ -454,8 +458,6 @@ class _NewtonApply(torch.autograd.Function):
                                                  out_dtype=x.dtype)
         else:
             dtype = _compute_dtype(x.dtype)
-            autocast = torch.is_autocast_enabled(x.device.type)
-            ctx.autocast = (x.device.type, torch.get_autocast_dtype(x.device.type), autocast)
             P = cell.project(x, B, b)
             keep = None if reset is None else (~reset).to(dtype)[:, :, None, None]
             rp = tuple((r.clamp(-clip, clip) if clip else r).to(dtype) for r in rw)
@@ -464,7 +466,6 @@ class _NewtonApply(torch.autograd.Function):
         if cell.track_residual or cell.last_residual is not None:  # nn.Module.__setattr__ is not free
             cell.last_residual = residual if cell.track_residual else None
         ctx.cell, ctx.backend = cell, backend
-        save_P = bool(cell.save_projection)
         need_x = ctx.needs_input_grad[5] or not save_P  # x: for dB, or to recompute P
         ctx.save_for_backward(x if need_x else None, P if save_P else None, h0, reset, B, b, h, *rw)
         return h[:, :, -1], h[:, -1]
@@ -488,7 +489,7 @@ class _NewtonApply(torch.autograd.Function):
         needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[5], ctx.needs_input_grad[6])
         if backend is not None:
             if P is None:
-                with torch.no_grad():
+                with torch.no_grad(), _autocast(ctx):
                     P = cell.project_heads(x, B)
             dP, dA, dC, db, dh0 = backend.adjoint_backward(cell.kernel_name, P, *_kernel_params(rw), h0, reset,
                                                            h, grad_h, bias=b, clip=cell.clip)
@@ -503,11 +504,16 @@ class _NewtonApply(torch.autograd.Function):
         return (None, None, dx, dh0, None, dB, db, *drw)
 
 
+def _autocast(ctx):
+    """The forward's autocast state, for work the backward redoes (it does not run under autocast)."""
+    device_type, dtype, enabled = ctx.autocast
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
 def _torch_backward(ctx, cell, x, P, h0, reset, B, b, h, rw, grad_h, needs):
     """The torch path's backward: adjoint scan, then the projection's gradients in closed form."""
     dtype = _compute_dtype(h.dtype)
-    device_type, autocast_dtype, autocast = ctx.autocast
-    amp = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast)
+    amp = _autocast(ctx)
     if P is None:
         with torch.no_grad(), amp:
             P = cell.project(x, B, b)
