@@ -37,6 +37,19 @@ def load_weight(ptr, offs_n, mask_n, clip, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
+def load_weights3(ptr, N, offs_n, mask_n, clip, HAS_CLIP: tl.constexpr):
+    """Rows 0–2 of a ``[3, N]`` recurrent weight (:func:`load_weight` each)."""
+    return (load_weight(ptr, offs_n, mask_n, clip, HAS_CLIP), load_weight(ptr + N, offs_n, mask_n, clip, HAS_CLIP),
+            load_weight(ptr + 2 * N, offs_n, mask_n, clip, HAS_CLIP))
+
+
+@triton.jit
+def load_weights2(ptr, N, offs_n, mask_n, clip, HAS_CLIP: tl.constexpr):
+    """Rows 0–1 of the LSTM's ``[2, N]`` peepholes (:func:`load_weight` each)."""
+    return load_weight(ptr, offs_n, mask_n, clip, HAS_CLIP), load_weight(ptr + N, offs_n, mask_n, clip, HAS_CLIP)
+
+
+@triton.jit
 def store_weight_grad(ptr, acc, w_ptr, offs_n, mask_n, clip, HAS_CLIP: tl.constexpr):
     """Store a weight-gradient partial; zero where the forward's clamp was active."""
     if HAS_CLIP:
@@ -66,6 +79,13 @@ def load_bias(ptr, offs_n, mask_n, HAS_BIAS: tl.constexpr):
         return tl.load(ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     else:
         return tl.zeros(offs_n.shape, dtype=tl.float32)
+
+
+@triton.jit
+def load_biases3(ptr, N, offs_n, mask_n, HAS_BIAS: tl.constexpr):
+    """The three rows of the ``[3, N]`` projection bias (:func:`load_bias` each)."""
+    return (load_bias(ptr, offs_n, mask_n, HAS_BIAS), load_bias(ptr + N, offs_n, mask_n, HAS_BIAS),
+            load_bias(ptr + 2 * N, offs_n, mask_n, HAS_BIAS))
 
 
 @triton.jit

@@ -138,6 +138,29 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _launch_args(cell: str, direction: str, method: str, config: Optional[dict], P: Tensor, A: Tensor,
+                 C: Optional[Tensor], bias: Optional[Tensor], h0: Optional[Tensor], reset: Optional[Tensor],
+                 clip: Optional[float], B: int, T: int, N: int, NH: int):
+    """What both directions pass alike: ``(grid, num_warps, constexprs, leading pointers
+    (P, bias, A[, C], h0, reset), leading scalars (T, N, NH, clip, P's strides, h0's and reset's))``.
+    Absent optional tensors are stood in for by A (never dereferenced: their flag is off)."""
+    A, C, bias, h0 = _contig(A), _contig(C), _contig(bias), _contig(h0)
+    rst = _prep_reset(reset)
+    lstm = cell == "lstm"
+    cfg = _config(cell, f"{method}_{direction}", config)
+    nw = cfg.pop("num_warps")
+    grid = (triton_cdiv(N, cfg["BLOCK_N"]), B)
+    flags = dict(HAS_BIAS=bias is not None, HAS_CLIP=clip is not None, IN_HEAD=_in_head(N, NH, cfg["BLOCK_N"]),
+                 HAS_H0=h0 is not None, HAS_RST=reset is not None, **cfg)
+    ptrs = (P, A if bias is None else bias, A, *((C,) if lstm else ()), A if h0 is None else h0,
+            A if rst is None else rst)
+    s_h0 = (h0.stride(0), h0.stride(1)) if h0 is not None else (0, 0)
+    scalars = (T, N, NH, float(clip or 0.0), *_p_strides(P), *(s_h0 if lstm else s_h0[:1]),
+               *((rst.stride(0), rst.stride(1)) if rst is not None else (0, 0)),
+               *((0,) if method == "sweep" else ()))  # the sweeps take a zero reset channel stride
+    return grid, nw, flags, ptrs, scalars
+
+
 def _prep_reset(reset: Optional[Tensor]) -> Optional[Tensor]:
     if reset is None:
         return None
@@ -186,34 +209,21 @@ def newton_forward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Opt
     if method not in METHODS:
         raise ValueError(f"pararnn kernels: method={method!r} is not one of {', '.join(METHODS)}")
     P = _lastdim_contig(P)
-    A, C, bias, h0 = _contig(A), _contig(C), _contig(bias), _contig(h0)
-    rst = _prep_reset(reset)
     H = torch.empty(B, T, K, N, device=P.device, dtype=out_dtype or P.dtype)
     if B == 0 or T == 0 or N == 0:
         return H, (torch.zeros((), device=P.device, dtype=torch.float32) if want_residual else None)
-    dummy = A  # stands for absent optional pointers (never dereferenced)
-    sP = _p_strides(P)
-    sH0 = (h0.stride(0), h0.stride(1)) if h0 is not None else (0, 0)
-    sR = (rst.stride(0), rst.stride(1)) if rst is not None else (0, 0)
-    cfg = _config(cell, f"{method}_fwd", config)
-    nw = cfg.pop("num_warps")
-    grid = (triton_cdiv(N, cfg["BLOCK_N"]), B)
-    flags = dict(HAS_BIAS=bias is not None, HAS_CLIP=clip is not None, IN_HEAD=_in_head(N, NH, cfg["BLOCK_N"]),
-                 HAS_H0=h0 is not None, HAS_RST=reset is not None, **cfg)
-    head = (P, bias if bias is not None else dummy, A) + ((C,) if cell == "lstm" else ())
-    opt = (h0 if h0 is not None else dummy, rst if rst is not None else dummy, H)
-    sizes = (T, N, NH, float(clip or 0.0))
-    s_h0 = sH0 if cell == "lstm" else sH0[:1]
+    grid, nw, flags, ptrs, scalars = _launch_args(cell, "fwd", method, config, P, A, C, bias, h0, reset, clip,
+                                                  B, T, N, NH)
     s_h = (H.stride(0), H.stride(1)) + ((H.stride(2),) if cell == "lstm" else ())
     if method == "newton":
-        res_buf = torch.empty(grid[0] * B, device=P.device, dtype=torch.float32) if want_residual else dummy
+        res_buf = torch.empty(grid[0] * B, device=P.device, dtype=torch.float32) if want_residual else A
         kern = _newton.gru_newton_fwd_kernel if cell == "gru" else _newton.lstm_newton_fwd_kernel
-        _launch("fwd", kern, grid, (*head, *opt, res_buf), (*sizes, *sP, *s_h0, *sR, *s_h),
+        _launch("fwd", kern, grid, (*ptrs, H, res_buf), (*scalars, *s_h),
                 dict(NUM_ITERS=num_iters, WANT_RES=want_residual, **flags), nw)
         residual = res_buf.amax() if want_residual else None
     else:
         kern = _sweep.gru_sweep_fwd_kernel if cell == "gru" else _sweep.lstm_sweep_fwd_kernel
-        _launch("fwd", kern, grid, (*head, *opt), (*sizes, *sP, *s_h0, *sR, 0, *s_h), flags, nw)
+        _launch("fwd", kern, grid, (*ptrs, H), (*scalars, *s_h), flags, nw)
         residual = torch.zeros((), device=P.device, dtype=torch.float32) if want_residual else None
     return H, residual
 
@@ -252,8 +262,6 @@ def adjoint_backward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: O
     if method not in METHODS:
         raise ValueError(f"pararnn kernels: method={method!r} is not one of {', '.join(METHODS)}")
     P, h, grad_h = _lastdim_contig(P), _lastdim_contig(h), _lastdim_contig(grad_h)
-    A, C, bias, h0 = _contig(A), _contig(C), _contig(bias), _contig(h0)
-    rst = _prep_reset(reset)
     dev = P.device
     dP = torch.empty_like(P)
     # partial rows: dA 0-2, dbias 3-5 (left unwritten without a bias), dC 6-7 (LSTM)
@@ -265,33 +273,21 @@ def adjoint_backward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: O
         if dh0 is not None:
             dh0.zero_()
     else:
-        dummy = A
-        sP, sD = _p_strides(P), _p_strides(dP)
-        sH0 = (h0.stride(0), h0.stride(1)) if h0 is not None else (0, 0)
-        sR = (rst.stride(0), rst.stride(1)) if rst is not None else (0, 0)
-        cfg = _config(cell, f"{method}_bwd", config)
-        nw = cfg.pop("num_warps")
-        grid = (triton_cdiv(N, cfg["BLOCK_N"]), B)
-        flags = dict(HAS_BIAS=bias is not None, HAS_CLIP=clip is not None,
-                     IN_HEAD=_in_head(N, NH, cfg["BLOCK_N"]), HAS_H0=h0 is not None,
-                     HAS_RST=reset is not None, **cfg)
-        if cell == "lstm":
+        lstm = cell == "lstm"
+        grid, nw, flags, ptrs, scalars = _launch_args(cell, "bwd", method, config, P, A, C, bias, h0, reset,
+                                                      clip, B, T, N, NH)
+        if lstm:
             flags["HAS_GC"] = not h_only
         # grad_h [B, T, N] is the h part alone: the kernel reads G + sGk for h (sGk = 0 here).
         sG = (grad_h.stride(0), grad_h.stride(1), 0 if h_only else grad_h.stride(2))
-        lstm = cell == "lstm"
-        head = (P, bias if bias is not None else dummy, A) + ((C,) if lstm else ())
-        opt = (h0 if h0 is not None else dummy, rst if rst is not None else dummy, h, grad_h, dP, part,
-               dh0 if dh0 is not None else dummy)
-        sizes = (T, N, NH, float(clip or 0.0))
-        strides = (*sP, *(sH0 if lstm else sH0[:1]), *sR, *((0,) if method == "sweep" else ()),
-                   h.stride(0), h.stride(1), *((h.stride(2),) if lstm else ()),
-                   *(sG if lstm else sG[:2]), *sD, part.stride(0))
+        strides = (h.stride(0), h.stride(1), *((h.stride(2),) if lstm else ()), *(sG if lstm else sG[:2]),
+                   *_p_strides(dP), part.stride(0))
         if method == "newton":
             kern = _newton.gru_newton_bwd_kernel if cell == "gru" else _newton.lstm_newton_bwd_kernel
         else:
             kern = _sweep.gru_sweep_bwd_kernel if cell == "gru" else _sweep.lstm_sweep_bwd_kernel
-        _launch("bwd", kern, grid, (*head, *opt), (*sizes, *strides), flags, nw)
+        _launch("bwd", kern, grid, (*ptrs, h, grad_h, dP, part, A if dh0 is None else dh0), (*scalars, *strides),
+                flags, nw)
     sums = part.sum(0)
     if A.dtype != sums.dtype and all(t is None or t.dtype == A.dtype for t in (C, bias)):
         sums = sums.to(A.dtype)  # one cast for all parameter gradients (the usual case)

@@ -17,15 +17,13 @@ recomputed from ``h_t`` and ``P_{t+1}`` (both read from memory), so no shift is 
 VJP at ``(h_{t-1}, P_t)`` then gives ``dP_t`` and the per-channel sums for ``dA``/``dC``, written as
 per-(b, channel) partials (summed over b outside: deterministic, no atomics).
 
-P is read in the layout its GEMM wrote (``NH``/``sPh``: channels per head and head stride, see
-``_io.py``) with the projection bias added on load; the recurrent weights are clipped on load when
-``HAS_CLIP``; the backward's partials hold the weight gradients (zero where the clip was active) and
-the bias gradient (Σ dP).
+P's head-split layout, the bias added on load, the weight clip and the gradient partials: ``_io.py``.
 """
 import triton
 import triton.language as tl
 
-from ._io import chan_offsets, load_bias, load_gates, load_weight, store3, store_partials, store_weight_grad
+from ._io import (chan_offsets, load_biases3, load_gates, load_weights2, load_weights3, store3,
+                  store_partials, store_weight_grad)
 from ._math import combine1, combine2, gru_gates, gru_jac, lstm_gates, lstm_jac, sigmoid, tanh
 
 
@@ -44,12 +42,9 @@ def gru_newton_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     pn = chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)
-    az = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)[None, :]
-    ar = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)[None, :]
-    ac = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)[None, :]
-    bz = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)
-    br = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)
-    bc = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)
+    az, ar, ac = load_weights3(A, N, offs_n, mask_n, clip, HAS_CLIP)
+    az, ar, ac = az[None, :], ar[None, :], ac[None, :]
+    bz, br, bc = load_biases3(BIAS, N, offs_n, mask_n, HAS_BIAS)
     if HAS_H0:
         carry = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     else:
@@ -106,13 +101,9 @@ def gru_newton_bwd_kernel(
     mask_n = offs_n < N
     pn = chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)
     dn = chan_offsets(pid_n, NH, sDh, BLOCK_N, IN_HEAD)
-    az1 = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)
-    ar1 = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)
-    ac1 = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)
+    az1, ar1, ac1 = load_weights3(A, N, offs_n, mask_n, clip, HAS_CLIP)
     az, ar, ac = az1[None, :], ar1[None, :], ac1[None, :]
-    bz = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)
-    br = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)
-    bc = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)
+    bz, br, bc = load_biases3(BIAS, N, offs_n, mask_n, HAS_BIAS)
     if HAS_H0:
         h0 = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     rows = tl.arange(0, BLOCK_T)
@@ -200,14 +191,10 @@ def lstm_newton_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     pn = chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)
-    af = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)[None, :]
-    ao = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)[None, :]
-    az = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)[None, :]
-    cf = load_weight(C, offs_n, mask_n, clip, HAS_CLIP)[None, :]
-    co = load_weight(C + N, offs_n, mask_n, clip, HAS_CLIP)[None, :]
-    bf = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)
-    bo = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)
-    bz = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)
+    af, ao, az = load_weights3(A, N, offs_n, mask_n, clip, HAS_CLIP)
+    cf, co = load_weights2(C, N, offs_n, mask_n, clip, HAS_CLIP)
+    af, ao, az, cf, co = af[None, :], ao[None, :], az[None, :], cf[None, :], co[None, :]
+    bf, bo, bz = load_biases3(BIAS, N, offs_n, mask_n, HAS_BIAS)
     if HAS_H0:
         carry_c = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         carry_h = tl.load(H0 + b * sH0b + sH0k + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -283,15 +270,10 @@ def lstm_newton_bwd_kernel(
     mask_n = offs_n < N
     pn = chan_offsets(pid_n, NH, sPh, BLOCK_N, IN_HEAD)
     dn = chan_offsets(pid_n, NH, sDh, BLOCK_N, IN_HEAD)
-    af1 = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)
-    ao1 = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)
-    az1 = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)
-    cf1 = load_weight(C, offs_n, mask_n, clip, HAS_CLIP)
-    co1 = load_weight(C + N, offs_n, mask_n, clip, HAS_CLIP)
+    af1, ao1, az1 = load_weights3(A, N, offs_n, mask_n, clip, HAS_CLIP)
+    cf1, co1 = load_weights2(C, N, offs_n, mask_n, clip, HAS_CLIP)
     af, ao, az, cf, co = af1[None, :], ao1[None, :], az1[None, :], cf1[None, :], co1[None, :]
-    bf = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)
-    bo = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)
-    bz = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)
+    bf, bo, bz = load_biases3(BIAS, N, offs_n, mask_n, HAS_BIAS)
     if HAS_H0:
         h0c = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         h0h = tl.load(H0 + b * sH0b + sH0k + offs_n, mask=mask_n, other=0.0).to(tl.float32)

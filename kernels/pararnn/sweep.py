@@ -21,15 +21,13 @@ Backward: the adjoint recurrence
 ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}`` walked backwards; the local VJP at step t yields both ``dP_t`` and
 ``J_tᵀ λ_t`` (the carry into step t − 1), so each step evaluates the cell once.
 
-P is read in the layout its GEMM wrote (``NH``/``sPh``: channels per head and head stride, see
-``_io.py``) with the projection bias added on load; the recurrent weights are clipped on load when
-``HAS_CLIP``; the backward's partials hold the weight gradients (zero where the clip was active) and
-the bias gradient (Σ dP).
+P's head-split layout, the bias added on load, the weight clip and the gradient partials: ``_io.py``.
 """
 import triton
 import triton.language as tl
 
-from ._io import chan_offsets, load3, load_bias, load_weight, store3, store_partials, store_weight_grad
+from ._io import (chan_offsets, load3, load_biases3, load_weights2, load_weights3, store3,
+                  store_partials, store_weight_grad)
 from ._math import LOG2E, gru_gates, gru_jac, gru_step_scaled, lstm_gates, lstm_jac, lstm_step_scaled
 
 
@@ -66,12 +64,10 @@ def gru_sweep_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     # parameters and inputs pre-scaled for gru_step_scaled (exponent arguments in log2 units)
-    bz = load_weight(A, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
-    br = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
-    bc = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP) * (-2.0 * LOG2E)
-    ez = (load_bias(BIAS, offs_n, mask_n, HAS_BIAS) * (-LOG2E))[None, :]
-    er = (load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS) * (-LOG2E))[None, :]
-    ec = (load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS) * (-2.0 * LOG2E))[None, :]
+    bz, br, bc = load_weights3(A, N, offs_n, mask_n, clip, HAS_CLIP)
+    bz, br, bc = bz * (-LOG2E), br * (-LOG2E), bc * (-2.0 * LOG2E)
+    ez, er, ec = load_biases3(BIAS, N, offs_n, mask_n, HAS_BIAS)
+    ez, er, ec = (ez * (-LOG2E))[None, :], (er * (-LOG2E))[None, :], (ec * (-2.0 * LOG2E))[None, :]
     if HAS_H0:
         s = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     else:
@@ -122,12 +118,9 @@ def gru_sweep_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    az = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)
-    ar = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)
-    ac = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)
-    bz = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)[None, :]
-    br = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)[None, :]
-    bc = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)[None, :]
+    az, ar, ac = load_weights3(A, N, offs_n, mask_n, clip, HAS_CLIP)
+    bz, br, bc = load_biases3(BIAS, N, offs_n, mask_n, HAS_BIAS)
+    bz, br, bc = bz[None, :], br[None, :], bc[None, :]
     if HAS_H0:
         h0 = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     rows = tl.arange(0, CHUNK)
@@ -227,14 +220,12 @@ def lstm_sweep_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     # parameters and inputs pre-scaled for lstm_step_scaled (exponent arguments in log2 units)
-    bf = load_weight(A, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
-    bo = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
-    bz = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP) * (-2.0 * LOG2E)
-    gf = load_weight(C, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
-    go = load_weight(C + N, offs_n, mask_n, clip, HAS_CLIP) * (-LOG2E)
-    ef = (load_bias(BIAS, offs_n, mask_n, HAS_BIAS) * (-LOG2E))[None, :]
-    eo = (load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS) * (-LOG2E))[None, :]
-    ez = (load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS) * (-2.0 * LOG2E))[None, :]
+    bf, bo, bz = load_weights3(A, N, offs_n, mask_n, clip, HAS_CLIP)
+    bf, bo, bz = bf * (-LOG2E), bo * (-LOG2E), bz * (-2.0 * LOG2E)
+    gf, go = load_weights2(C, N, offs_n, mask_n, clip, HAS_CLIP)
+    gf, go = gf * (-LOG2E), go * (-LOG2E)
+    ef, eo, ez = load_biases3(BIAS, N, offs_n, mask_n, HAS_BIAS)
+    ef, eo, ez = (ef * (-LOG2E))[None, :], (eo * (-LOG2E))[None, :], (ez * (-2.0 * LOG2E))[None, :]
     if HAS_H0:
         sc = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         sh = tl.load(H0 + b * sH0b + sH0k + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -292,14 +283,10 @@ def lstm_sweep_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    af = load_weight(A, offs_n, mask_n, clip, HAS_CLIP)
-    ao = load_weight(A + N, offs_n, mask_n, clip, HAS_CLIP)
-    az = load_weight(A + 2 * N, offs_n, mask_n, clip, HAS_CLIP)
-    cf = load_weight(C, offs_n, mask_n, clip, HAS_CLIP)
-    co = load_weight(C + N, offs_n, mask_n, clip, HAS_CLIP)
-    bf = load_bias(BIAS, offs_n, mask_n, HAS_BIAS)[None, :]
-    bo = load_bias(BIAS + N, offs_n, mask_n, HAS_BIAS)[None, :]
-    bz = load_bias(BIAS + 2 * N, offs_n, mask_n, HAS_BIAS)[None, :]
+    af, ao, az = load_weights3(A, N, offs_n, mask_n, clip, HAS_CLIP)
+    cf, co = load_weights2(C, N, offs_n, mask_n, clip, HAS_CLIP)
+    bf, bo, bz = load_biases3(BIAS, N, offs_n, mask_n, HAS_BIAS)
+    bf, bo, bz = bf[None, :], bo[None, :], bz[None, :]
     if HAS_H0:
         h0c = tl.load(H0 + b * sH0b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         h0h = tl.load(H0 + b * sH0b + sH0k + offs_n, mask=mask_n, other=0.0).to(tl.float32)
