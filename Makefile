@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= disabled
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -36,8 +36,18 @@ train: setup
 	$(PY) train.py run_dir=$(RUN_DIR) $(ARGS)
 	$(PY) -m eval.main checkpoints=[$(RUN_DIR)] tasks=smoke
 
+PYTEST := TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --timeout 900
+
+# The whole CPU suite (Triton through its interpreter); tests marked `gpu` skip themselves without CUDA.
 test: setup
-	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --timeout 900 tests $(ARGS)
+	$(PYTEST) tests $(ARGS)
+
+# Everything but the `slow` tests (training jobs, multi-process launches): a quick check while editing.
+test-fast: setup
+	$(PYTEST) -m "not slow" tests $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
 
 bench: setup
 	$(PY) benchmarks/bench_cells_cpu.py

@@ -66,7 +66,8 @@ class Run:
         self.wandb = to_dataclass(WandbConfig, cfg.get("wandb"), "wandb")
         self.data = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True)).validate()
         self.lr = self.trainer.lr if self.trainer.lr is not None else self.model.lr
-        self.weight_decay = self.trainer.weight_decay if self.trainer.weight_decay is not None else self.model.weight_decay
+        wd = self.trainer.weight_decay
+        self.weight_decay = wd if wd is not None else self.model.weight_decay
 
 
 def build_model(run: Run, vocab_size: int):

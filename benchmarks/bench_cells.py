@@ -91,7 +91,8 @@ def guarded(name):
             except Exception as e:  # keep going: one broken variant must not cost the whole run
                 msg = f"{name}{a}: {type(e).__name__}: {e}"
                 log("FAIL", msg[:2000])
-                RESULTS["failures"].append({"where": name, "args": repr(a)[:300], "error": traceback.format_exc()[-3000:]})
+                RESULTS["failures"].append({"where": name, "args": repr(a)[:300],
+                                            "error": traceback.format_exc()[-3000:]})
                 save()
                 return None
         return run
@@ -310,7 +311,8 @@ def kernel_variants(cell, T, N, full, B=None):
         row = {"cell": cell, "B": B, "T": T, "N": N, "dir": "fwd", "method": method, "cfg": cfg, "ms": ms,
                "diff_vs_newton_default": rel(h, h_ref), **info}
         RESULTS["kernels"].append(row)
-        log(f"kern {cell} B{B} T{T} N{N} fwd {method:6s} {cfg} {ms:.4f} ms regs={info.get('regs')} spills={info.get('spills')} diff={row['diff_vs_newton_default']:.1e}")
+        log(f"kern {cell} B{B} T{T} N{N} fwd {method:6s} {cfg} {ms:.4f} ms regs={info.get('regs')} "
+            f"spills={info.get('spills')} diff={row['diff_vs_newton_default']:.1e}")
     for method, cfg in bv:
         adjoint_backward(cell, P, A, C, None, None, h_ref, g, method=method, config=cfg)
         info = kinfo("bwd")
@@ -321,7 +323,8 @@ def kernel_variants(cell, T, N, full, B=None):
         ms = bench(lambda: adjoint_backward(cell, P, A, C, None, None, h_ref, g, method=method, config=cfg))
         row = {"cell": cell, "B": B, "T": T, "N": N, "dir": "bwd", "method": method, "cfg": cfg, "ms": ms, **info}
         RESULTS["kernels"].append(row)
-        log(f"kern {cell} B{B} T{T} N{N} bwd {method:6s} {cfg} {ms:.4f} ms regs={info.get('regs')} spills={info.get('spills')}")
+        log(f"kern {cell} B{B} T{T} N{N} bwd {method:6s} {cfg} {ms:.4f} ms regs={info.get('regs')} "
+            f"spills={info.get('spills')}")
     save()
 
 
@@ -386,7 +389,8 @@ def cell_rows(cell, T, N, variants, dtype=None, B=None, graphs=True):
         RESULTS["cells"].append(row)
         sp = f" speedup fwd {ref[0] / t_f:.2f}x fwd+bwd {ref[1] / t_fb:.2f}x" if ref and dtype == LOWP else ""
         gs = f" graph {t_fb_graph:.3f} ms" if t_fb_graph else ""
-        log(f"cell {cell} T{T} N{N} {row['dtype']} {name:28s} fwd {t_f:.3f} ms fwd+bwd {t_fb:.3f} ms{gs} peak {peak:.2f} GB{sp}")
+        log(f"cell {cell} T{T} N{N} {row['dtype']} {name:28s} fwd {t_f:.3f} ms fwd+bwd {t_fb:.3f} ms{gs} peak "
+            f"{peak:.2f} GB{sp}")
         for p in params:
             p.grad = None
         x.grad = None
@@ -480,9 +484,11 @@ def error_rows(cell, T, N, B=None, time_sequential=True):
             m32(x_bf.float())
             sync()
             t_seq_f = time.time() - t0
-        RESULTS["cells"].append({"cell": cell, "B": B, "T": T, "N": N, "dtype": "float32", "impl": "models.sequential (1 run)",
+        RESULTS["cells"].append({"cell": cell, "B": B, "T": T, "N": N, "dtype": "float32",
+                                 "impl": "models.sequential (1 run)",
                                  "fwd_ms": 1e3 * t_seq_f, "fwdbwd_ms": 1e3 * t_seq_fb})
-        log(f"cell {cell} T{T} N{N} float32 models.sequential (1 run) fwd {1e3 * t_seq_f:.1f} ms fwd+bwd {1e3 * t_seq_fb:.1f} ms (incl. graph build)")
+        log(f"cell {cell} T{T} N{N} float32 models.sequential (1 run) fwd {1e3 * t_seq_f:.1f} ms "
+            f"fwd+bwd {1e3 * t_seq_fb:.1f} ms (incl. graph build)")
     variants = []
     m_tri32 = copy.deepcopy(m32)
     m_tri32.mode = "triton"
@@ -614,8 +620,10 @@ def main():
         rs = f"{rk[0] if r['dir'] == 'fwd' else rk[1]:.3f}" if rk else "-"
         print(f"  {key[0]:4s} B{key[1]} T{key[2]:5d} N{key[3]:4d} {key[4]} {key[5]:6s} {r['ms']:.3f} {r['cfg']} | {rs}")
     for r in RESULTS.get("iters", []):
-        print(f"  iters {r['cell']} amp={r['amp']} n={r['iters']} err={r['h']:.1e} res={r['residual']:.1e} {r['ms']:.3f} ms")
-    print("whole cell (ms):  cell T N dtype impl fwd fwd+bwd [graph] peakGB | ref FUSED fwd fwd+bwd | speedup fwd+bwd eager [graph]")
+        print(f"  iters {r['cell']} amp={r['amp']} n={r['iters']} err={r['h']:.1e} res={r['residual']:.1e} "
+              f"{r['ms']:.3f} ms")
+    print("whole cell (ms):  cell T N dtype impl fwd fwd+bwd [graph] peakGB | ref FUSED fwd fwd+bwd | speedup "
+          "fwd+bwd eager [graph]")
     for r in RESULTS["cells"]:
         if "gemm" in r:
             g = r["gemm"]
@@ -627,7 +635,8 @@ def main():
         if sp != "-" and gr:
             sp += f" [{rf / gr:.2f}x]"
         gs = f"[{gr:.3f}]" if gr else ""
-        print(f"  {r['cell']:4s} T{r['T']:5d} N{r['N']:4d} {r['dtype']:8s} {r['impl']:24s} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:8.3f} {gs:9s} "
+        print(f"  {r['cell']:4s} T{r['T']:5d} N{r['N']:4d} {r['dtype']:8s} {r['impl']:24s} {r['fwd_ms']:8.3f} "
+              f"{r['fwdbwd_ms']:8.3f} {gs:9s} "
               f"{r.get('peak_GB', float('nan')):.2f} | {r.get('ref_fused_fwd_ms') or '-'} {rf or '-'} | {sp}")
     print("errors vs fp32 sequential (rel max-abs):")
     for r in RESULTS["errors"]:

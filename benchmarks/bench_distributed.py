@@ -52,7 +52,8 @@ def free_port() -> int:
 
 def count_params(preset: str):
     try:
-        from models.count import build_meta, count_params as count, load_preset
+        from models.count import build_meta, load_preset
+        from models.count import count_params as count
 
         return count(build_meta(load_preset(preset)))
     except Exception:  # noqa: BLE001 - a count is a nicety; the benchmark does not need it

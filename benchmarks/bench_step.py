@@ -69,7 +69,6 @@ def bench(preset: str, batch: int, seq: int, steps: int, warmup: int, doc_len: i
               "step_ms": step_s * 1e3, "tokens_per_s": batch * seq / step_s, "peak_gib": peak,
               "mfu_6N": 6 * params * batch * seq / step_s / 989e12 if device == "cuda" else None,
               "loss": float(loss), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-    del model, opt
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -95,7 +94,7 @@ def main() -> None:
             rows.append({"preset": preset, "error": f"OOM: {str(err).splitlines()[0]}"})
             torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| preset | params | B×T | step ms | tokens/s | MFU (6N) | peak GiB |\n|---|---|---|---|---|---|---|")
+    print("\n| preset | params | B×T | step ms | tokens/s | MFU (6N) | peak GiB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['preset']} | | | {r['error']} | | | |")

@@ -17,7 +17,8 @@ Sections (flags; default: all but ``--bench``):
 Prints one line per check (``max rel err`` = max|a - b| / max|b|, ``norm rel err`` = ||a - b|| / ||b||)
 and ``PASS``/``FAIL`` last; exit status 1 on a failure. Pass/fail is on the norm rel err: fp32 5e-3
 (Triton's tl.dot runs fp32 inputs in TF32), bf16 5e-2 (the bf16 reference is computed from the same
-bf16-rounded inputs, so this measures the kernels, not the input rounding). ``--out DIR`` also writes ``results.json`` there.
+bf16-rounded inputs, so this measures the kernels, not the input rounding). ``--out DIR`` also writes
+``results.json`` there.
 
 Example: ``python benchmarks/check_mamba2_gpu.py --out $OUT``.
 Smoke run on a CPU (tiny shapes, Triton interpreter, ~2-3 min on 2 cores): ``TRITON_INTERPRET=1 python
@@ -226,7 +227,8 @@ def bench(device: torch.device, with_torch: bool) -> None:
             torch.cuda.synchronize(device)
             ms = (time.perf_counter() - t0) / steps * 1e3
             mem = torch.cuda.max_memory_allocated(device) / 2**30
-            line = dict(section="bench", case=f"mamba2_400m fwd+bwd B8 T2048 bf16, {'triton' if use_triton else 'torch'}",
+            path = "triton" if use_triton else "torch"
+            line = dict(section="bench", case=f"mamba2_400m fwd+bwd B8 T2048 bf16, {path}",
                         ms_per_step=ms, tokens_per_s=8 * 2048 / ms * 1e3, peak_gib=mem)
         except torch.OutOfMemoryError:
             line = dict(section="bench", case=f"mamba2_400m, {'triton' if use_triton else 'torch'}", oom=True)

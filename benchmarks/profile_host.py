@@ -114,7 +114,8 @@ def main():
         print(f"{row['cell']} B{args.B} T{args.T} N{args.N}: host {row['host_us_fwdbwd']:.0f} us per fwd+bwd, "
               f"GPU (graph) {row['graph_us_fwdbwd']:.0f} us")
         print(f"  newton_forward {row['launch_fwd_us'][0]:.1f} us, its launcher alone {row['launch_fwd_us'][1]:.1f} us")
-        print(f"  adjoint_backward {row['launch_bwd_us'][0]:.1f} us, its launcher alone {row['launch_bwd_us'][1]:.1f} us")
+        print(f"  adjoint_backward {row['launch_bwd_us'][0]:.1f} us, "
+              f"its launcher alone {row['launch_bwd_us'][1]:.1f} us")
         for name, us in row["pieces_us"].items():
             print(f"  {name} {us:.1f} us")
         print(row["cprofile_tottime"])

@@ -19,9 +19,9 @@ from .pipeline import (
     load_dataset_call,
     load_tokenizer,
     open_split,
+    pack_validation_rows,
     resolve_data_files,
     validation_batches,
-    pack_validation_rows,
 )
 from .stats import UnigramBaseline, token_byte_lengths, unigram_baseline, unigram_perplexity
 

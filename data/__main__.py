@@ -29,10 +29,12 @@ def main() -> None:
     t0 = time.perf_counter()
     base = unigram_baseline(cfg, tok, "validation")
     print(f"train stream tokens (incl. one EOS per document): {base.train_tokens}")
-    print(f"validation rows: {len(pack_validation_rows(cfg, tok))} x {cfg.seq_len} targets = {base.eval_tokens} tokens, "
+    n_rows = len(pack_validation_rows(cfg, tok))
+    print(f"validation rows: {n_rows} x {cfg.seq_len} targets = {base.eval_tokens} tokens, "
           f"{base.eval_bytes} bytes")
     print(f"unigram (train counts, add-one) on validation targets: perplexity {base.perplexity:.1f}, "
-          f"{base.nll_per_token:.4f} nats/token, {base.bits_per_byte:.4f} bits/byte  ({time.perf_counter() - t0:.1f} s)")
+          f"{base.nll_per_token:.4f} nats/token, {base.bits_per_byte:.4f} bits/byte  "
+          f"({time.perf_counter() - t0:.1f} s)")
 
     stream = PackedStream(cfg, tok, batch_size=args.batch_size)
     next(stream)  # warm-up: opens the dataset

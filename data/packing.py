@@ -18,8 +18,9 @@ What is special here:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence
+from typing import Any
 
 import torch
 
@@ -29,8 +30,8 @@ class Row:
     """One packed row: ``tokens`` has ``seq_len + 1`` ids; ``positions`` has ``seq_len`` entries
     (the position ids of ``tokens[:-1]``, i.e. of the model inputs)."""
 
-    tokens: List[int]
-    positions: List[int]
+    tokens: list[int]
+    positions: list[int]
 
 
 class TokenPacker:
@@ -41,8 +42,8 @@ class TokenPacker:
             raise ValueError(f"seq_len must be > 0, got {seq_len}")
         self.seq_len = seq_len
         self.eos_id = eos_id
-        self._tokens: List[int] = []
-        self._positions: List[int] = []
+        self._tokens: list[int] = []
+        self._positions: list[int] = []
 
     def __len__(self) -> int:
         """Number of buffered tokens (including the one carried over from the previous row)."""
@@ -68,7 +69,7 @@ class TokenPacker:
         return row
 
     # ---- state -------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         starts = [i for i, p in enumerate(self._positions) if p == 0]
         return {
             "tokens": list(self._tokens),
@@ -76,11 +77,11 @@ class TokenPacker:
             "doc_starts": starts,
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         tokens = [int(t) for t in state["tokens"]]
         first = int(state["first_position"])
         starts = set(int(s) for s in state["doc_starts"])
-        positions: List[int] = []
+        positions: list[int] = []
         pos = first
         for i in range(len(tokens)):
             pos = 0 if i in starts else (first if i == 0 else pos + 1)
@@ -89,7 +90,7 @@ class TokenPacker:
         self._positions = positions
 
 
-def collate_rows(rows: Sequence[Row]) -> Dict[str, torch.Tensor]:
+def collate_rows(rows: Sequence[Row]) -> dict[str, torch.Tensor]:
     """Stack rows into a batch: ``input_ids``, ``labels``, ``position_ids``, LongTensor [B, seq_len]."""
     tokens = torch.tensor([r.tokens for r in rows], dtype=torch.long)
     return {

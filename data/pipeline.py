@@ -40,11 +40,14 @@ import glob as globlib
 import logging
 import os
 import random
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from training.common import REPO_ROOT, ConfigError
 
 from .packing import Row, TokenPacker, collate_rows
 
@@ -53,22 +56,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-"""Relative data/tokenizer paths in a :class:`DataConfig` are resolved against this directory."""
 
 LOCAL_FORMATS = ("json", "parquet", "text")
 FORMATS = LOCAL_FORMATS + ("hub",)
 SPLITS = ("train", "validation")
 STATE_VERSION = 1
 
-Batch = Dict[str, torch.Tensor]
-
-
-class ConfigError(ValueError):
-    """A data/tokenizer configuration problem; the message is one line naming the key or file."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))  # force a single line
+Batch = dict[str, torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,27 +79,27 @@ class DataConfig:
     name: str = "sotu"
     format: str = "json"  # "json" | "parquet" | "text" | "hub"
     # local files: lists of paths or globs; relative paths resolve against the repo root
-    train_files: List[str] = field(default_factory=lambda: ["data/sotu/train.jsonl.gz"])
-    validation_files: List[str] = field(default_factory=lambda: ["data/sotu/validation.jsonl.gz"])
+    train_files: list[str] = field(default_factory=lambda: ["data/sotu/train.jsonl.gz"])
+    validation_files: list[str] = field(default_factory=lambda: ["data/sotu/validation.jsonl.gz"])
     # hub datasets (format == "hub"): load_dataset(hub_path, hub_name, split=..., streaming=True)
-    hub_path: Optional[str] = None
-    hub_name: Optional[str] = None
+    hub_path: str | None = None
+    hub_name: str | None = None
     train_split: str = "train"
-    validation_split: Optional[str] = "validation"  # None: no validation data
+    validation_split: str | None = "validation"  # None: no validation data
     # generic document filter, e.g. exclude_field="meta.redpajama_set_name",
     # exclude_values=["RedPajamaBookSub"] drops Books3 from SlimPajama
-    exclude_field: Optional[str] = None
-    exclude_values: List[str] = field(default_factory=list)
+    exclude_field: str | None = None
+    exclude_values: list[str] = field(default_factory=list)
     text_field: str = "text"  # dotted path allowed
-    load_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra load_dataset(...) kwargs
+    load_kwargs: dict[str, Any] = field(default_factory=dict)  # extra load_dataset(...) kwargs
     tokenizer: str = "data/tokenizer/gpt2"  # local directory (relative to the repo root) or hub name
     seq_len: int = 1024
     shuffle_buffer: int = 0  # documents; 0 = off (file order)
     seed: int = 0
-    validation_rows: Optional[int] = None  # cap on validation rows over all ranks; None = all
+    validation_rows: int | None = None  # cap on validation rows over all ranks; None = all
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "DataConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:
         """Build from a plain mapping (e.g. ``OmegaConf.to_container(cfg.data)``); unknown keys
         raise :class:`ConfigError` naming the key."""
         known = {f.name for f in dataclasses.fields(cls)}
@@ -118,7 +112,7 @@ class DataConfig:
                 kwargs[key] = [kwargs[key]]
         return cls(**kwargs)
 
-    def files(self, split: str) -> List[str]:
+    def files(self, split: str) -> list[str]:
         if split not in SPLITS:
             raise ConfigError(f"data config '{self.name}': unknown split '{split}' (expected one of {SPLITS})")
         return list(self.train_files if split == "train" else self.validation_files)
@@ -128,7 +122,7 @@ class DataConfig:
             return bool(self.train_split if split == "train" else self.validation_split)
         return bool(self.files(split))
 
-    def validate(self, check_files: bool = True) -> "DataConfig":
+    def validate(self, check_files: bool = True) -> DataConfig:
         """Check the config without opening any dataset. Raises :class:`ConfigError`.
 
         ``check_files`` resolves every local path/glob and fails if one matches no file."""
@@ -138,9 +132,11 @@ class DataConfig:
         if not _is_positive_int(self.seq_len):
             raise ConfigError(f"{where}: seq_len must be a positive integer; got seq_len={self.seq_len!r}")
         if not isinstance(self.shuffle_buffer, int) or isinstance(self.shuffle_buffer, bool) or self.shuffle_buffer < 0:
-            raise ConfigError(f"{where}: shuffle_buffer must be an integer >= 0; got shuffle_buffer={self.shuffle_buffer!r}")
+            raise ConfigError(f"{where}: shuffle_buffer must be an integer >= 0; "
+                              f"got shuffle_buffer={self.shuffle_buffer!r}")
         if self.validation_rows is not None and not _is_positive_int(self.validation_rows):
-            raise ConfigError(f"{where}: validation_rows must be a positive integer or null; got {self.validation_rows!r}")
+            raise ConfigError(f"{where}: validation_rows must be a positive integer or null; "
+                              f"got {self.validation_rows!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"{where}: seed must be an integer; got seed={self.seed!r}")
         if not self.text_field:
@@ -156,7 +152,8 @@ class DataConfig:
                 raise ConfigError(f"{where}: format=hub needs train_split")
             if self.validation_split and self.validation_rows is None:
                 raise ConfigError(
-                    f"{where}: format=hub needs validation_rows (the validation split is streamed in full on every rank)"
+                    f"{where}: format=hub needs validation_rows "
+                    "(the validation split is streamed in full on every rank)"
                 )
         else:
             if not self.train_files:
@@ -179,14 +176,14 @@ def resolve_path(path: str) -> str:
     return str(p if p.is_absolute() else REPO_ROOT / p)
 
 
-def resolve_data_files(patterns: Sequence[str], key: str = "files") -> List[str]:
+def resolve_data_files(patterns: Sequence[str], key: str = "files") -> list[str]:
     """Expand paths/globs (sorted per pattern, order of patterns kept, duplicates dropped).
 
     Raises :class:`ConfigError` naming the first path or glob that matches no file.
     Remote URLs (``scheme://``) are passed through unchecked."""
     if isinstance(patterns, str):
         patterns = [patterns]
-    out: List[str] = []
+    out: list[str] = []
     for pattern in patterns:
         resolved = resolve_path(str(pattern))
         if "://" in resolved:
@@ -206,7 +203,7 @@ def resolve_data_files(patterns: Sequence[str], key: str = "files") -> List[str]
 # ------------------------------------------------------------------------------------------------
 # Tokenizer
 # ------------------------------------------------------------------------------------------------
-def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained`` on a local directory (relative to the repo root) or, if
     no such directory exists and the string does not look like a path, a hub name."""
     from transformers import AutoTokenizer
@@ -229,7 +226,7 @@ def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
     return tokenizer
 
 
-def encode_document(tokenizer: "PreTrainedTokenizerBase", text: str) -> List[int]:
+def encode_document(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of one document, without special tokens; special-token strings in the text are
     encoded as ordinary text (so EOS never occurs inside a document)."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
@@ -238,7 +235,7 @@ def encode_document(tokenizer: "PreTrainedTokenizerBase", text: str) -> List[int
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------
-def load_dataset_call(cfg: DataConfig, split: str) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+def load_dataset_call(cfg: DataConfig, split: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The positional and keyword arguments for ``datasets.load_dataset`` for one split
     (separate so the hub call can be checked offline)."""
     if split not in SPLITS:
@@ -247,7 +244,7 @@ def load_dataset_call(cfg: DataConfig, split: str) -> Tuple[Tuple[Any, ...], Dic
         key = ("validation_split" if cfg.format == "hub" else "validation_files") if split == "validation" else (
             "train_split" if cfg.format == "hub" else "train_files")
         raise ConfigError(f"data config '{cfg.name}': no {split} data ({key} is empty)")
-    kwargs: Dict[str, Any] = dict(cfg.load_kwargs)
+    kwargs: dict[str, Any] = dict(cfg.load_kwargs)
     kwargs["streaming"] = True
     if cfg.format == "hub":
         kwargs["split"] = cfg.train_split if split == "train" else cfg.validation_split
@@ -298,16 +295,16 @@ class DocumentSource:
         self._exclude = {str(v) for v in cfg.exclude_values} if cfg.exclude_field else set()
         self.epoch = 0
         self.docs_in_epoch = 0  # documents handed out in the current epoch
-        self._iterator: Optional[Iterator[Dict[str, Any]]] = None
-        self._hf_state: Optional[Dict[str, Any]] = None  # HF state after the last pulled example
+        self._iterator: Iterator[dict[str, Any]] | None = None
+        self._hf_state: dict[str, Any] | None = None  # HF state after the last pulled example
         self._exhausted = False  # HF iterator ran out in this epoch (shuffle buffer still draining)
-        self._buffer: List[str] = []
+        self._buffer: list[str] = []
         self._rng = self._new_rng()
 
     def _new_rng(self) -> random.Random:
         return random.Random(f"pararnn-shuffle:{self.cfg.seed}:{self.rank}:{self.world_size}:{self.epoch}")
 
-    def _pull(self) -> Optional[str]:
+    def _pull(self) -> str | None:
         """Next kept text from the HF iterator, or None when this epoch's data is exhausted."""
         if self._iterator is None:
             self._dataset.set_epoch(self.epoch)
@@ -328,9 +325,9 @@ class DocumentSource:
             return text
         return None
 
-    def next_text(self) -> Optional[str]:
+    def next_text(self) -> str | None:
         while True:
-            text: Optional[str] = None
+            text: str | None = None
             if self.shuffle_buffer <= 0:
                 text = self._pull()
             else:
@@ -363,7 +360,7 @@ class DocumentSource:
             self._rng = self._new_rng()
             log.info("data '%s' rank %d: starting epoch %d", self.cfg.name, self.rank, self.epoch)
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self._rng.getstate()
         return {
             "epoch": self.epoch,
@@ -398,13 +395,14 @@ class PackedStream:
     with ``load_state_dict(state)`` continues with the next unseen token.
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer: Optional["PreTrainedTokenizerBase"] = None,
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None,
                  batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
         cfg.validate()
         if not _is_positive_int(batch_size):
             raise ConfigError(f"batch_size must be a positive integer; got batch_size={batch_size!r}")
         if not (_is_positive_int(world_size) and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ConfigError(f"rank/world_size: need 0 <= rank < world_size; got rank={rank!r}, world_size={world_size!r}")
+            raise ConfigError(f"rank/world_size: need 0 <= rank < world_size; "
+                          f"got rank={rank!r}, world_size={world_size!r}")
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
         self.batch_size = batch_size
@@ -434,13 +432,13 @@ class PackedStream:
         self.rows_emitted += 1
         return self._packer.pop_row()
 
-    def __iter__(self) -> "PackedStream":
+    def __iter__(self) -> PackedStream:
         return self
 
     def __next__(self) -> Batch:
         return collate_rows([self.next_row() for _ in range(self.batch_size)])
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "name": self.cfg.name,
@@ -470,14 +468,14 @@ class PackedStream:
 # ------------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------------
-def pack_validation_rows(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> List[Row]:
+def pack_validation_rows(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Row]:
     """All packed rows of the validation split (same packing as training, single pass, file
     order, no sharding), capped at ``cfg.validation_rows``. The tail that does not fill a row
     is dropped."""
     cfg.validate()
     source = DocumentSource(cfg, "validation", rank=0, world_size=1, repeat=False, shuffle_buffer=0)
     packer = TokenPacker(cfg.seq_len, int(tokenizer.eos_token_id))
-    rows: List[Row] = []
+    rows: list[Row] = []
     cap = cfg.validation_rows
     while cap is None or len(rows) < cap:
         if packer.has_row():
@@ -490,8 +488,8 @@ def pack_validation_rows(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase") 
     return rows
 
 
-def validation_batches(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase", batch_size: int,
-                       rank: int = 0, world_size: int = 1) -> List[Batch]:
+def validation_batches(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                       rank: int = 0, world_size: int = 1) -> list[Batch]:
     """Deterministic, finite list of validation batches for ``rank``.
 
     The rows of :func:`pack_validation_rows` are truncated to a multiple of ``world_size`` and dealt
@@ -500,7 +498,8 @@ def validation_batches(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase", ba
     if not _is_positive_int(batch_size):
         raise ConfigError(f"batch_size must be a positive integer; got batch_size={batch_size!r}")
     if not (_is_positive_int(world_size) and isinstance(rank, int) and 0 <= rank < world_size):
-        raise ConfigError(f"rank/world_size: need 0 <= rank < world_size; got rank={rank!r}, world_size={world_size!r}")
+        raise ConfigError(f"rank/world_size: need 0 <= rank < world_size; "
+                          f"got rank={rank!r}, world_size={world_size!r}")
     rows = pack_validation_rows(cfg, tokenizer)
     usable = len(rows) - len(rows) % world_size
     if usable == 0:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from .pipeline import ConfigError, DataConfig, DocumentSource, encode_document, 
 
 
 @lru_cache(maxsize=1)
-def bytes_to_unicode() -> Dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-character table (as in OpenAI's encoder.py)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -51,7 +50,7 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
     n = len(tokenizer)
     special = _special_ids(tokenizer)
     added = {int(i): t for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
-    pieces: List[Optional[str]] = tokenizer.convert_ids_to_tokens(list(range(n)))
+    pieces: list[str | None] = tokenizer.convert_ids_to_tokens(list(range(n)))
     byte_chars = set(bytes_to_unicode().values())
     regular = [p for i, p in enumerate(pieces) if i not in special and i not in added and p is not None]
     byte_level = all(set(p) <= byte_chars for p in regular)
@@ -80,11 +79,11 @@ class UnigramBaseline:
     eval_bytes: int
 
 
-def _split_stream(cfg: DataConfig, tokenizer, split: str, max_tokens: Optional[int]) -> np.ndarray:
+def _split_stream(cfg: DataConfig, tokenizer, split: str, max_tokens: int | None) -> np.ndarray:
     """One pass over ``split`` (file order, unsharded) as the packed token stream ``[EOS]+doc ...``."""
     eos = int(tokenizer.eos_token_id)
     source = DocumentSource(cfg, split, rank=0, world_size=1, repeat=False, shuffle_buffer=0)
-    chunks: List[np.ndarray] = []
+    chunks: list[np.ndarray] = []
     total = 0
     while max_tokens is None or total < max_tokens:
         text = source.next_text()
@@ -98,7 +97,7 @@ def _split_stream(cfg: DataConfig, tokenizer, split: str, max_tokens: Optional[i
 
 
 def unigram_baseline(cfg: DataConfig, tokenizer, split: str = "validation",
-                     max_train_tokens: Optional[int] = None) -> UnigramBaseline:
+                     max_train_tokens: int | None = None) -> UnigramBaseline:
     """Add-one-smoothed unigram model over ``len(tokenizer)`` ids, counted on the train stream
     (one pass, at most ``max_train_tokens``; set it for huge hub corpora) and evaluated on the
     targets of ``split``: for "validation" the labels of ``pack_validation_rows(cfg, tokenizer)``
@@ -131,6 +130,6 @@ def unigram_baseline(cfg: DataConfig, tokenizer, split: str = "validation",
 
 
 def unigram_perplexity(cfg: DataConfig, tokenizer, split: str = "validation",
-                       max_train_tokens: Optional[int] = None) -> float:
+                       max_train_tokens: int | None = None) -> float:
     """Perplexity of the train-split unigram model (add-one smoothing) on ``split``'s targets."""
     return unigram_baseline(cfg, tokenizer, split, max_train_tokens).perplexity

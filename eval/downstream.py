@@ -35,13 +35,15 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
+
+from training.common import REPO_ROOT, ConfigError
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SHIPPED_DATA = TASKS_DIR / "data"
 PRESET_DIR = REPO_ROOT / "configs" / "eval"
@@ -66,13 +68,6 @@ LOCAL_TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
 GROUP_TASKS = {"local_mmlu"}
 
 
-class EvalConfigError(ValueError):
-    """Bad evaluation input; the message is one line naming the key or path."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
-
-
 # ------------------------------------------------------------------------------------------------
 # Task directory
 # ------------------------------------------------------------------------------------------------
@@ -95,16 +90,16 @@ def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
         p = p if p.exists() else REPO_ROOT / p
     p = p.resolve()
     if not p.is_dir():
-        raise EvalConfigError(f"data_root={data_root}: directory not found (resolved to {p})")
+        raise ConfigError(f"data_root={data_root}: directory not found (resolved to {p})")
     return p
 
 
 def check_data(data_root: Path, tasks: Iterable[str]) -> None:
-    """Raise :class:`EvalConfigError` naming the first data file a local task needs and is missing."""
+    """Raise :class:`ConfigError` naming the first data file a local task needs and is missing."""
     for task in tasks:
         for rel in LOCAL_TASKS[local_base(task) or task][1]:
             if not (data_root / rel).is_file():
-                raise EvalConfigError(f"data_root={data_root}: task {task} needs {rel}, which is missing")
+                raise ConfigError(f"data_root={data_root}: task {task} needs {rel}, which is missing")
 
 
 def write_task_dir(data_root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None) -> Path:
@@ -185,14 +180,14 @@ def load_preset(name: str) -> dict[str, Any]:
     """The preset ``configs/eval/<name>.yaml`` as a plain dict (``tasks``, ``limit``, ...)."""
     path = PRESET_DIR / f"{name}.yaml"
     if name in NON_PRESET_CONFIGS or not path.is_file():
-        raise EvalConfigError(f"tasks={name!r} is not a task preset (known presets: {', '.join(preset_names())}); "
+        raise ConfigError(f"tasks={name!r} is not a task preset (known presets: {', '.join(preset_names())}); "
                               f"pass a list such as tasks=[local_arc_easy,local_piqa:5] for individual tasks")
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     cfg.pop("defaults", None)
     if not isinstance(cfg.get("tasks"), list):
-        raise EvalConfigError(f"{path}: key 'tasks' must be a list of task specs")
+        raise ConfigError(f"{path}: key 'tasks' must be a list of task specs")
     return cfg
 
 
@@ -205,7 +200,7 @@ def parse_task_specs(tasks: Any, num_fewshot: int | None = None) -> list[TaskSpe
     for item in tasks:
         if isinstance(item, Mapping):
             if "task" not in item:
-                raise EvalConfigError(f"tasks: entry {dict(item)!r} has no 'task' key")
+                raise ConfigError(f"tasks: entry {dict(item)!r} has no 'task' key")
             name, shots = str(item["task"]), item.get("num_fewshot", 0)
         else:
             text = str(item).strip()
@@ -214,16 +209,16 @@ def parse_task_specs(tasks: Any, num_fewshot: int | None = None) -> list[TaskSpe
         try:
             shots = int(shots if shots is not None else 0)
         except (TypeError, ValueError):
-            raise EvalConfigError(f"tasks: entry {item!r}: shot count must be an integer") from None
+            raise ConfigError(f"tasks: entry {item!r}: shot count must be an integer") from None
         if num_fewshot is not None:
             shots = int(num_fewshot)
         if shots < 0 or not name:
-            raise EvalConfigError(f"tasks: bad entry {item!r}")
+            raise ConfigError(f"tasks: bad entry {item!r}")
         spec = TaskSpec(name.strip(), shots)
         if spec not in out:
             out.append(spec)
     if not out:
-        raise EvalConfigError("tasks: no task given")
+        raise ConfigError("tasks: no task given")
     return out
 
 
@@ -235,7 +230,7 @@ def resolve_tasks(tasks: Any, num_fewshot: int | None = None, limit: Any = None)
         specs = parse_task_specs(preset["tasks"], num_fewshot)
         return tasks, specs, limit if limit is not None else preset.get("limit")
     if tasks is None:
-        raise EvalConfigError("tasks: no task given")
+        raise ConfigError("tasks: no task given")
     return "custom", parse_task_specs(list(tasks), num_fewshot), limit
 
 
@@ -265,13 +260,13 @@ def make_lm(model_or_path: Any, tokenizer: Any = None, batch_size: int | str = 8
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
         if not (path / "config.json").is_file():
-            raise EvalConfigError(f"checkpoint {path}: no config.json (not an exported HF model directory)")
+            raise ConfigError(f"checkpoint {path}: no config.json (not an exported HF model directory)")
         if isinstance(tokenizer, os.PathLike):
             tokenizer = str(tokenizer)
         return HFLM(pretrained=str(path), tokenizer=tokenizer, backend="causal", batch_size=batch_size,
                     device=device or "cpu", dtype=dtype or "auto", trust_remote_code=trust_remote_code, **extra)
     if tokenizer is None:
-        raise EvalConfigError("tokenizer: required when evaluating an in-memory model")
+        raise ConfigError("tokenizer: required when evaluating an in-memory model")
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
@@ -353,7 +348,7 @@ def _evaluate(out: dict, runnable: list[TaskSpec], model_or_path: Any, tokenizer
         manager = TaskManager(include_path=str(task_dir), include_defaults=need_hub)
         unknown = [s.task for s in runnable if s.task not in manager.all_tasks]
         if unknown:
-            raise EvalConfigError(f"tasks: unknown task(s) {', '.join(unknown)} "
+            raise ConfigError(f"tasks: unknown task(s) {', '.join(unknown)} "
                                   f"(local tasks: {', '.join(LOCAL_TASKS)})")
         by_shots: dict[int, list[TaskSpec]] = {}
         for spec in runnable:
@@ -447,7 +442,7 @@ def run_downstream(
         specs = [TaskSpec(_upstream_name(s.task), s.num_fewshot) if s.is_local else s for s in specs]
     bad = [s.task for s in specs if s.task.startswith("local_") and not s.is_local]
     if bad:
-        raise EvalConfigError(f"tasks: unknown local task(s) {', '.join(bad)} (local tasks: {', '.join(LOCAL_TASKS)})")
+        raise ConfigError(f"tasks: unknown local task(s) {', '.join(bad)} (local tasks: {', '.join(LOCAL_TASKS)})")
     root = resolve_data_root(data_root)
     check_data(root, sorted({s.task for s in specs if s.is_local}))
 
@@ -530,7 +525,7 @@ def summary_table(result: Mapping[str, Any]) -> str:
 
 
 __all__ = [
-    "EvalConfigError", "LOCAL_TASKS", "TaskSpec", "check_data", "load_preset", "make_lm", "parse_task_specs",
+    "ConfigError", "LOCAL_TASKS", "TaskSpec", "check_data", "load_preset", "make_lm", "parse_task_specs",
     "preset_names", "resolve_data_root", "resolve_tasks", "run_downstream", "summary_table", "write_json",
     "write_task_dir",
 ]

@@ -3,7 +3,7 @@
     python -m eval.main checkpoints=[runs/gru,runs/mamba2] tasks=paper limit=100 batch_size=8 device=cpu
     python -m eval.main --config-name paper checkpoints=[runs/gru] data_root=../shared/data/eval device=cuda
     python -m eval.main checkpoints=[runs/gru/hf] tasks=[local_arc_easy,local_arc_challenge:25] limit=50
-    python -m eval.main checkpoints=[runs/gru] tasks=smoke perplexity=true   # + validation ppl/bpb, loss_by_position.json
+    python -m eval.main checkpoints=[runs/gru] tasks=smoke perplexity=true  # + val ppl/bpb, loss_by_position.json
 
 A checkpoint is a run dir (``<run_dir>/hf/config.json``) or an exported HF directory. Results go to
 ``<run_dir>/eval/downstream_<preset>.json`` (lm-eval version and task configs included); with
@@ -25,7 +25,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from eval.downstream import EvalConfigError, REPO_ROOT, resolve_data_root, resolve_tasks
+from eval.downstream import resolve_data_root, resolve_tasks
+from training.common import REPO_ROOT, ConfigError
 
 CONFIG_DIR = str(REPO_ROOT / "configs" / "eval")
 log = logging.getLogger("eval.main")
@@ -46,7 +47,7 @@ def resolve_checkpoint(path: str) -> Checkpoint:
     """A run dir (with ``hf/config.json``) or an exported HF directory (with ``config.json``)."""
     p = Path(os.path.expanduser(str(path)))
     if not p.is_dir():
-        raise EvalConfigError(f"checkpoints: {path}: no such directory")
+        raise ConfigError(f"checkpoints: {path}: no such directory")
     p = p.resolve()
     if (p / "hf" / "config.json").is_file():
         return Checkpoint(str(path), p, p / "hf")
@@ -54,7 +55,7 @@ def resolve_checkpoint(path: str) -> Checkpoint:
         parent = p.parent
         is_run = any((parent / f).is_file() for f in ("config.yaml", "metrics.jsonl", "summary.json"))
         return Checkpoint(str(path), parent if is_run else p, p)
-    raise EvalConfigError(f"checkpoints: {path}: neither a run dir with hf/config.json nor an exported HF "
+    raise ConfigError(f"checkpoints: {path}: neither a run dir with hf/config.json nor an exported HF "
                           f"model directory with config.json")
 
 
@@ -96,7 +97,7 @@ def run_perplexity(ckpt: Checkpoint, cfg: DictConfig, out_dir: Path) -> dict[str
 
     cfg_path = ckpt.run_dir / "config.yaml"
     if not cfg_path.is_file():
-        raise EvalConfigError(f"perplexity=true: {cfg_path} not found (needed for the run's data config)")
+        raise ConfigError(f"perplexity=true: {cfg_path} not found (needed for the run's data config)")
     data = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True).get("data") or {}
     known = {f.name for f in dataclasses.fields(pipeline.DataConfig)}
     dcfg = pipeline.DataConfig.from_dict({k: v for k, v in data.items() if k in known})
@@ -114,7 +115,8 @@ def run_perplexity(ckpt: Checkpoint, cfg: DictConfig, out_dir: Path) -> dict[str
     byte_lengths = token_byte_lengths(tokenizer) if token_byte_lengths is not None else None
     res = evaluate_perplexity(model, batches, byte_lengths=byte_lengths, device=cfg.device)
     res.update(data=dcfg.name, seq_len=dcfg.seq_len, rows=sum(int(b["input_ids"].shape[0]) for b in batches))
-    write_loss_by_position(ckpt.run_dir, model, batches, device=cfg.device, extra={"data": dcfg.name, "seq_len": dcfg.seq_len})
+    write_loss_by_position(ckpt.run_dir, model, batches, device=cfg.device,
+                           extra={"data": dcfg.name, "seq_len": dcfg.seq_len})
     from eval.downstream import write_json
 
     write_json(out_dir / "perplexity.json", res)
@@ -129,13 +131,13 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     if isinstance(checkpoints, str):
         checkpoints = [checkpoints]
     if not checkpoints:
-        raise EvalConfigError("checkpoints: none given (e.g. checkpoints=[runs/my_run])")
+        raise ConfigError("checkpoints: none given (e.g. checkpoints=[runs/my_run])")
     preset, specs, limit = resolve_tasks(_plain(cfg.tasks), cfg.num_fewshot, _plain(cfg.limit))
     preset = cfg.preset or preset
     data_root = resolve_data_root(cfg.data_root)
     ckpts = [resolve_checkpoint(c) for c in checkpoints]
     if cfg.tokenizer is not None and not Path(str(cfg.tokenizer)).is_dir():
-        raise EvalConfigError(f"tokenizer: {cfg.tokenizer}: no such directory")
+        raise ConfigError(f"tokenizer: {cfg.tokenizer}: no such directory")
 
     results = []
     for ckpt in ckpts:
@@ -170,14 +172,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except EvalConfigError as exc:
+    except ConfigError as exc:
         print(f"eval.main: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except Exception as exc:
-        if type(exc).__name__ == "ConfigError":  # data.pipeline.ConfigError: already one line
-            print(f"eval.main: error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        raise
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,8 @@ def _distributed(all_reduce: bool | str) -> bool:
     return (dist.is_available() and dist.is_initialized()) if all_reduce == "auto" else bool(all_reduce)
 
 
-def _maybe_all_reduce(values: torch.Tensor, all_reduce: bool | str, device: torch.device, op: str = "sum") -> torch.Tensor:
+def _maybe_all_reduce(values: torch.Tensor, all_reduce: bool | str, device: torch.device,
+                      op: str = "sum") -> torch.Tensor:
     """All-reduce a CPU tensor (through ``device``, so NCCL gets a CUDA tensor) when distributed."""
     if not _distributed(all_reduce):
         return values

@@ -332,7 +332,7 @@ def _log_bins(pts, n_bins: int = 120):
     edges = sorted({int(round(top ** (i / n_bins))) for i in range(n_bins + 1)} | {0, top + 1})
     out, j = [], 0
     pts = sorted(pts)
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for hi in edges[1:]:
         num = den = 0.0
         ps = []
         while j < len(pts) and pts[j][0] < hi:
@@ -405,7 +405,8 @@ def make_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, t
     for r in runs:
         for m in r.downstream_meta:
             src = m.get("data_source") or "?"
-            notes.append(f"- `{r.name}`: `{m['file']}` (preset {m.get('preset')}, data: {src}, limit: {m.get('limit')})")
+            notes.append(f"- `{r.name}`: `{m['file']}` (preset {m.get('preset')}, data: {src}, "
+                         f"limit: {m.get('limit')})")
             for key, why in (m.get("skipped") or {}).items():
                 notes.append(f"  - skipped {key}: {why}")
         for w in r.warnings:

@@ -7,7 +7,7 @@ architectures: nothing crosses a boundary (ParaRNN resets its state and conv, th
 attention block-diagonally, Mamba2 resets through ``seq_idx``).
 """
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from transformers import PretrainedConfig, PreTrainedModel
 

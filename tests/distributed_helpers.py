@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "tests", "train_entry.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from bench_distributed import kill_tree  # noqa: E402  (SIGKILL a launcher and all its workers)
+
 SEQ_LEN = 32
 STEPS = 10
 # hidden 32, 1 layer, seq 32, global batch 4: ~3M parameters, nearly all of them the two embeddings.

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from models.count import load_preset
 from models.mamba2.ssd_torch import causal_conv1d, seq_idx_from_position_ids, ssd_chunked, ssd_sequential
 from models.registry import build_model
-from tests.helpers import rel_err
-from tests.helpers import run_outside_repo
+from tests.helpers import rel_err, run_outside_repo
 
 VOCAB = 50257  # the GPT-2 tokenizer's ids -> padded to 50304, as train.py builds the tiny presets
 DOC_LENGTHS = ([7, 25, 16], [48])  # row 0: three documents (boundaries off chunk edges); row 1: one

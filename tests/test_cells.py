@@ -16,9 +16,15 @@ import pytest
 import torch
 
 import kernels
-from models.pararnn import (ParaGRU, ParaLSTM, ParaRNNCell, linear_scan, resets_from_cu_seqlens,
-                            sequential_scan)
-from models.pararnn import pararnn_cells
+from models.pararnn import (
+    ParaGRU,
+    ParaLSTM,
+    ParaRNNCell,
+    linear_scan,
+    pararnn_cells,
+    resets_from_cu_seqlens,
+    sequential_scan,
+)
 from tests.helpers import rel_err
 
 F64 = torch.float64

@@ -12,8 +12,8 @@ import gzip
 import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
 
 import pytest
 import torch
@@ -50,14 +50,14 @@ def hf_tok():
     return load_tokenizer(str(TOKENIZER_DIR))
 
 
-def ref_ids(ref_tok: Tokenizer, text: str) -> List[int]:
+def ref_ids(ref_tok: Tokenizer, text: str) -> list[int]:
     return ref_tok.encode(text, add_special_tokens=False).ids
 
 
-def ref_stream(ref_tok: Tokenizer, texts: Sequence[str]) -> Tuple[List[int], List[int]]:
+def ref_stream(ref_tok: Tokenizer, texts: Sequence[str]) -> tuple[list[int], list[int]]:
     """Token stream and position ids of one pass: [EOS] + ids(doc) per non-empty document."""
-    tokens: List[int] = []
-    positions: List[int] = []
+    tokens: list[int] = []
+    positions: list[int] = []
     for text in texts:
         if not text:
             continue
@@ -71,7 +71,7 @@ WORDS = ("the union is strong and congress shall make no law respecting liberty 
          "naïve café 日本 🙂 <|endoftext|> revenue navy").split()
 
 
-def make_docs(n: int, prefix: str = "doc") -> List[Dict[str, object]]:
+def make_docs(n: int, prefix: str = "doc") -> list[dict[str, object]]:
     """Documents of varied length (a few tokens up to ~5 rows), each starting with a unique tag."""
     docs = []
     for i in range(n):
@@ -81,7 +81,7 @@ def make_docs(n: int, prefix: str = "doc") -> List[Dict[str, object]]:
     return docs
 
 
-def write_jsonl(path: Path, rows: Sequence[Dict[str, object]]) -> str:
+def write_jsonl(path: Path, rows: Sequence[dict[str, object]]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "wt", encoding="utf-8") as f:
@@ -99,7 +99,7 @@ def fixture_config(tmp_path: Path, train_docs, val_docs=None, n_files: int = 1, 
                       tokenizer=str(TOKENIZER_DIR), seq_len=kw.pop("seq_len", SEQ), **kw)
 
 
-def take_rows(stream: PackedStream, n_batches: int) -> Tuple[List[List[int]], List[List[int]], List[List[int]]]:
+def take_rows(stream: PackedStream, n_batches: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
     """(input rows, label rows, position rows) of `n_batches` batches, checking dtypes and shapes."""
     inputs, labels, positions = [], [], []
     for _ in range(n_batches):
@@ -112,7 +112,7 @@ def take_rows(stream: PackedStream, n_batches: int) -> Tuple[List[List[int]], Li
     return inputs, labels, positions
 
 
-def unpack(inputs: List[List[int]], labels: List[List[int]]) -> List[int]:
+def unpack(inputs: list[list[int]], labels: list[list[int]]) -> list[int]:
     """Token stream from rows, dropping the one-token overlaps (asserting that they overlap)."""
     stream = list(inputs[0]) + [labels[0][-1]]
     for k in range(1, len(inputs)):
@@ -121,7 +121,7 @@ def unpack(inputs: List[List[int]], labels: List[List[int]]) -> List[int]:
     return stream
 
 
-def split_docs(tokens: List[int]) -> List[List[int]]:
+def split_docs(tokens: list[int]) -> list[list[int]]:
     """Complete documents (EOS ... up to the next EOS) of a token stream; a trailing partial one is dropped."""
     starts = [i for i, t in enumerate(tokens) if t == EOS]
     return [tokens[a + 1:b] for a, b in zip(starts, starts[1:])]
@@ -224,7 +224,7 @@ def test_two_ranks_cover_every_document_once(tmp_path, ref_tok, hf_tok, n_files)
     cfg = fixture_config(tmp_path, docs, n_files=n_files)
     all_ids = [ref_ids(ref_tok, d["text"]) for d in docs]
     total_tokens = len(ref_stream(ref_tok, [d["text"] for d in docs])[0])
-    per_rank: List[List[str]] = []
+    per_rank: list[list[str]] = []
     for rank in range(2):
         stream = PackedStream(cfg, hf_tok, batch_size=1, rank=rank, world_size=2)
         inputs, labels, _ = take_rows(stream, total_tokens // SEQ + 8)  # > one epoch of this rank
@@ -263,8 +263,7 @@ def test_validation_batches_match_reference_and_split_across_ranks(tmp_path, ref
     assert (len(ref_tokens) - 1) // SEQ > 7  # the cap applies
 
     def rows_of(batches):
-        return ([r for b in batches for r in b["input_ids"].tolist()], [r for b in batches for r in b["labels"].tolist()],
-                [r for b in batches for r in b["position_ids"].tolist()])
+        return tuple([r for b in batches for r in b[key].tolist()] for key in ("input_ids", "labels", "position_ids"))
 
     one = validation_batches(cfg, hf_tok, batch_size=3, rank=0, world_size=1)
     assert [b["input_ids"].shape[0] for b in one] == [3, 3, 1]

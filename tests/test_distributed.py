@@ -10,9 +10,8 @@ import os
 import shlex
 import subprocess
 
-import pytest
-
 import distributed_helpers as h
+import pytest
 
 ROOT = h.ROOT
 FP32_CPU = ["trainer.device=cpu", "trainer.precision=fp32"]

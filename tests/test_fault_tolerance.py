@@ -13,9 +13,8 @@ import sys
 import time
 import warnings
 
-import pytest
-
 import distributed_helpers as h
+import pytest
 
 ROOT = h.ROOT
 FP32_CPU = ["trainer.device=cpu", "trainer.precision=fp32"]

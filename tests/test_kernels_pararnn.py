@@ -61,7 +61,7 @@ def make_inputs(cell: str, case: str, dtype: torch.dtype, seed: int = 0):
     return P, A, C, h0, reset, grad
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def oracle(cell: str, case: str, dtype: torch.dtype):
     """float64 sequential trajectory and autograd gradients of ``Σ h·grad`` (inputs rounded to dtype)."""
     P, A, C, h0, reset, grad = make_inputs(cell, case, dtype)

@@ -11,7 +11,8 @@ from eval import report
 
 def _downstream(acc):
     def entry(task, upstream, shots, a, norm=True):
-        e = {"task": task, "upstream_task": upstream, "num_fewshot": shots, "acc": a, "acc_stderr": 0.01, "n_samples": 50}
+        e = {"task": task, "upstream_task": upstream, "num_fewshot": shots, "acc": a, "acc_stderr": 0.01,
+             "n_samples": 50}
         if norm:
             e.update(acc_norm=a + 0.01, acc_norm_stderr=0.01)
         return e
@@ -36,13 +37,15 @@ def run_dirs(tmp_path):
         for step in range(1, 6):
             f.write(json.dumps({"step": step, "tokens": 1000 * step, "loss": 5 - 0.5 * step, "lr": 1e-3,
                                 "grad_norm": 1.0, "tokens_per_s": 5000.0 + step, "newton_residual": 1e-6}) + "\n")
-            f.write(json.dumps({"split": "validation", "step": step, "tokens": 1000 * step, "val_loss": 5.2 - 0.5 * step,
+            f.write(json.dumps({"split": "validation", "step": step, "tokens": 1000 * step,
+                                "val_loss": 5.2 - 0.5 * step,
                                 "val_ppl": math.exp(5.2 - 0.5 * step), "val_bpb": 1.5}) + "\n")
     (a / "summary.json").write_text(json.dumps({"params": 406_000_000, "tokens": 5000, "val_loss": 2.7,
                                                 "val_ppl": 14.88, "val_bpb": 1.1, "tokens_per_s": 5003.0}))
     (a / "eval" / "downstream_paper.json").write_text(json.dumps(_downstream(0.3)))
     (a / "loss_by_position.json").write_text(json.dumps(
-        {"by": "row", "position": list(range(300)), "loss": [3 + 2 / (p + 1) for p in range(300)], "tokens": [8] * 300}))
+        {"by": "row", "position": list(range(300)), "loss": [3 + 2 / (p + 1) for p in range(300)],
+         "tokens": [8] * 300}))
     # an incomplete one: no summary, a truncated metrics line, no loss_by_position, a partial eval
     b = tmp_path / "mamba2_400m"
     (b / "eval").mkdir(parents=True)

@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+
 from tests.helpers import run_outside_repo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,9 +139,10 @@ def test_export_loads_in_a_clean_process_with_equal_logits(uninterrupted, tmp_pa
 
     from data import load_tokenizer
     sys.path.insert(0, ROOT)
-    from models.registry import build_model
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
+
+    from models.registry import build_model
 
     cfg = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
     ids = load_tokenizer(cfg.data.tokenizer)("Fellow citizens of the Senate and House", return_tensors="pt").input_ids

@@ -16,12 +16,11 @@ import json
 import os
 import shutil
 import warnings
-from typing import Optional
 
 import torch
 from accelerate.utils import DistributedType
 
-from data.pipeline import ConfigError
+from training.common import ConfigError
 from training.distributed import SHARDED_DIR
 
 MANIFEST = "manifest.json"
@@ -67,7 +66,7 @@ class Checkpointer:
     def __init__(self, accelerator, root: str, keep_last: int, sharded=None):
         self.accelerator, self.root, self.keep_last, self.sharded = accelerator, root, keep_last, sharded
 
-    def latest(self) -> Optional[str]:
+    def latest(self) -> str | None:
         """The newest complete checkpoint; newer incomplete ones are reported and skipped. Chosen by the
         main process and broadcast, so every rank loads the same one."""
         acc = self.accelerator
@@ -77,11 +76,11 @@ class Checkpointer:
             return broadcast_object_list([self._latest() if acc.is_main_process else None], from_process=0)[0]
         return self._latest()
 
-    def _latest(self) -> Optional[str]:
+    def _latest(self) -> str | None:
         for path in reversed(list_checkpoints(self.root)):
             if is_complete(path):
                 return path
-            warnings.warn(f"checkpoint {path} is incomplete or corrupted; falling back to an older one")
+            warnings.warn(f"checkpoint {path} is incomplete or corrupted; falling back to an older one", stacklevel=2)
         return None
 
     def save(self, step: int, data_state: dict) -> str:
@@ -122,6 +121,7 @@ class Checkpointer:
             if acc.is_main_process:
                 warnings.warn(f"{path} was written by {saved_world} processes, resumed on {acc.num_processes}: "
                               f"model, optimizer and schedule are restored; the data streams restart from the "
-                              f"beginning of the training data (per-rank positions do not map to another world size)")
+                              f"beginning of the training data (per-rank positions do not map to another world size)",
+                              stacklevel=2)
             return
         stream.load_state_dict(torch.load(os.path.join(path, f"data_rank{acc.process_index}.pt"), weights_only=False))

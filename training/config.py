@@ -5,11 +5,11 @@ type or an impossible value stops the run at once with one line naming the key (
 """
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from data.pipeline import REPO_ROOT, ConfigError  # noqa: F401  (one error type for every config group)
+from training.common import REPO_ROOT, ConfigError  # noqa: F401  (one error type for every config group)
 
 
 @dataclass
@@ -31,9 +31,9 @@ class TrainerConfig:
     grad_accum: int = 1
     max_steps: int = 300
     warmup_steps: int = 30
-    lr: Optional[float] = None        # None: the model preset's
+    lr: float | None = None        # None: the model preset's
     min_lr_ratio: float = 0.0         # cosine floor, as a fraction of lr
-    weight_decay: Optional[float] = None
+    weight_decay: float | None = None
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0
@@ -53,8 +53,8 @@ class TrainerConfig:
 class WandbConfig:
     mode: str = "disabled"            # disabled | offline | online
     project: str = "pararnn-lm"
-    name: Optional[str] = None
-    entity: Optional[str] = None
+    name: str | None = None
+    entity: str | None = None
 
 
 _CHOICES = {

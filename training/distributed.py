@@ -95,7 +95,7 @@ def shard(accelerator, model: nn.Module, t) -> nn.Module:
     First checks that the launcher's accelerate settings do not contradict the strategy."""
     from accelerate.utils import DistributedType
 
-    from data.pipeline import ConfigError
+    from training.common import ConfigError
 
     kind = accelerator.distributed_type
     if t.strategy == "deepspeed" and kind != DistributedType.DEEPSPEED:

@@ -5,11 +5,10 @@ On resume the file is cut back to the resumed step, so a restarted run leaves on
 import json
 import os
 import time
-from typing import Optional
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, enabled: bool, wandb_cfg=None, config: Optional[dict] = None,
+    def __init__(self, run_dir: str, enabled: bool, wandb_cfg=None, config: dict | None = None,
                  resume_step: int = 0):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled = enabled

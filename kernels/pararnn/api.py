@@ -21,7 +21,6 @@ gradient of the h part alone (no zero-filled c gradient for the LSTM), and every
 (A, C, bias) as per-(batch, channel) partials summed by one reduction.
 """
 import os
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -94,15 +93,15 @@ def pick_method(cell: str, B: int, T: int, N: int, direction: str) -> str:
     return "sweep" if B * N >= SWEEP_MIN_CHAINS[direction][cell] else "newton"
 
 
-def _config(cell: str, key: str, override: Optional[dict]) -> dict:
+def _config(cell: str, key: str, override: dict | None) -> dict:
     cfg = dict(CONFIGS["interpret" if _INTERPRET else cell][key])
     if override:
         cfg.update({k: v for k, v in override.items() if k in cfg})
     return cfg
 
 
-def _check(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Optional[Tensor],
-           reset: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[int, int, int, int, int]:
+def _check(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tensor | None,
+           reset: Tensor | None, bias: Tensor | None) -> tuple[int, int, int, int, int]:
     if cell not in CELLS:
         raise ValueError(f"pararnn kernels: cell={cell!r} is not one of {', '.join(CELLS)}")
     K = CELLS[cell]
@@ -124,7 +123,7 @@ def _check(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Optional[Te
     return B, T, N, NH, K
 
 
-def _p_strides(P: Tensor) -> Tuple[int, int, int, int]:
+def _p_strides(P: Tensor) -> tuple[int, int, int, int]:
     """``(batch, time, gate, head)`` strides of P; a 4-D P is one head (its head stride is unused)."""
     return (P.stride(0), P.stride(1), P.stride(2), P.stride(3) if P.dim() == 5 else 0)
 
@@ -134,13 +133,13 @@ def _in_head(N: int, NH: int, block_n: int) -> bool:
     return NH == N or NH % block_n == 0
 
 
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+def _contig(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _launch_args(cell: str, direction: str, method: str, config: Optional[dict], P: Tensor, A: Tensor,
-                 C: Optional[Tensor], bias: Optional[Tensor], h0: Optional[Tensor], reset: Optional[Tensor],
-                 clip: Optional[float], B: int, T: int, N: int, NH: int):
+def _launch_args(cell: str, direction: str, method: str, config: dict | None, P: Tensor, A: Tensor,
+                 C: Tensor | None, bias: Tensor | None, h0: Tensor | None, reset: Tensor | None,
+                 clip: float | None, B: int, T: int, N: int, NH: int):
     """What both directions pass alike: ``(grid, num_warps, constexprs, leading pointers
     (P, bias, A[, C], h0, reset), leading scalars (T, N, NH, clip, P's strides, h0's and reset's))``.
     Absent optional tensors are stood in for by A (never dereferenced: their flag is off)."""
@@ -161,7 +160,7 @@ def _launch_args(cell: str, direction: str, method: str, config: Optional[dict],
     return grid, nw, flags, ptrs, scalars
 
 
-def _prep_reset(reset: Optional[Tensor]) -> Optional[Tensor]:
+def _prep_reset(reset: Tensor | None) -> Tensor | None:
     if reset is None:
         return None
     if reset.dtype != torch.bool:
@@ -173,11 +172,11 @@ def _lastdim_contig(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def newton_forward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Optional[Tensor],
-                   reset: Optional[Tensor], num_iters: int = 3, want_residual: bool = False, *,
-                   bias: Optional[Tensor] = None, clip: Optional[float] = None,
-                   out_dtype: Optional[torch.dtype] = None, method: Optional[str] = None,
-                   config: Optional[dict] = None) -> Tuple[Tensor, Optional[Tensor]]:
+def newton_forward(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tensor | None,
+                   reset: Tensor | None, num_iters: int = 3, want_residual: bool = False, *,
+                   bias: Tensor | None = None, clip: float | None = None,
+                   out_dtype: torch.dtype | None = None, method: str | None = None,
+                   config: dict | None = None) -> tuple[Tensor, Tensor | None]:
     """Solve the cell's state trajectory over the whole sequence.
 
     Args:
@@ -228,11 +227,11 @@ def newton_forward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Opt
     return H, residual
 
 
-def adjoint_backward(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Optional[Tensor],
-                     reset: Optional[Tensor], h: Tensor, grad_h: Tensor, *,
-                     bias: Optional[Tensor] = None, clip: Optional[float] = None,
-                     method: Optional[str] = None, config: Optional[dict] = None
-                     ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def adjoint_backward(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tensor | None,
+                     reset: Tensor | None, h: Tensor, grad_h: Tensor, *,
+                     bias: Tensor | None = None, clip: float | None = None,
+                     method: str | None = None, config: dict | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Backward of the trajectory: adjoint recurrence plus the local VJPs, in one kernel.
 
     The saved trajectory ``h`` is treated as exact. ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}`` (``J_{t+1}``

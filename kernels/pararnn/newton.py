@@ -22,8 +22,16 @@ P's head-split layout, the bias added on load, the weight clip and the gradient 
 import triton
 import triton.language as tl
 
-from ._io import (chan_offsets, load_biases3, load_gates, load_weights2, load_weights3, store3,
-                  store_partials, store_weight_grad)
+from ._io import (
+    chan_offsets,
+    load_biases3,
+    load_gates,
+    load_weights2,
+    load_weights3,
+    store3,
+    store_partials,
+    store_weight_grad,
+)
 from ._math import combine1, combine2, gru_gates, gru_jac, lstm_gates, lstm_jac, sigmoid, tanh
 
 

@@ -4,7 +4,6 @@ Differentiable (autograd through the loop), any dtype/device. Same contract as t
 ``P [B, T, 3, N]``, ``A [3, N]``, ``C [2, N]`` (LSTM), ``h0 [B, K, N]`` or None, ``reset [B, T]``
 bool or None; returns the trajectory ``h [B, T, K, N]``.
 """
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,8 +28,8 @@ def lstm_step(s: Tensor, p: Tensor, A: Tensor, C: Tensor) -> Tensor:
     return torch.stack([cn, o * torch.tanh(cn)], dim=-2)
 
 
-def sequential(cell: str, P: Tensor, A: Tensor, C: Optional[Tensor], h0: Optional[Tensor],
-               reset: Optional[Tensor]) -> Tensor:
+def sequential(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tensor | None,
+               reset: Tensor | None) -> Tensor:
     """The exact recurrence, one step at a time, in the dtype of ``P``."""
     B, T, _, N = P.shape
     K = 1 if cell == "gru" else 2

@@ -26,8 +26,16 @@ P's head-split layout, the bias added on load, the weight clip and the gradient 
 import triton
 import triton.language as tl
 
-from ._io import (chan_offsets, load3, load_biases3, load_weights2, load_weights3, store3,
-                  store_partials, store_weight_grad)
+from ._io import (
+    chan_offsets,
+    load3,
+    load_biases3,
+    load_weights2,
+    load_weights3,
+    store3,
+    store_partials,
+    store_weight_grad,
+)
 from ._math import LOG2E, gru_gates, gru_jac, gru_step_scaled, lstm_gates, lstm_jac, lstm_step_scaled
 
 

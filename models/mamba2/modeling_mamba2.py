@@ -23,7 +23,6 @@ What is special here, compared with ``transformers.Mamba2ForCausalLM``:
   costs GBs per batch); the training loss upcasts where it needs to.
 """
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +52,8 @@ class Mamba2DocMixer(Mamba2Mixer):
         super().__init__(config, layer_idx=layer_idx, initialize_mixer_weights=initialize_mixer_weights)
         self.use_triton = getattr(config, "use_triton", None)
 
-    def forward(self, hidden_states: torch.Tensor, cache_params: Optional[Cache] = None,
-                attention_mask: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, cache_params: Cache | None = None,
+                attention_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None, **kwargs):
         if cache_params is not None or attention_mask is not None:
             if seq_idx is not None:
                 raise ValueError("Mamba2: packed rows (document resets) are not supported together with a cache "
@@ -100,8 +99,8 @@ class Mamba2DocBlock(GradientCheckpointingLayer):
         self.norm = Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = Mamba2DocMixer(config, layer_idx=layer_idx, initialize_mixer_weights=False)
 
-    def forward(self, hidden_states, cache_params: Optional[Cache] = None,
-                attention_mask: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, hidden_states, cache_params: Cache | None = None,
+                attention_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None, **kwargs):
         residual = hidden_states
         hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
         if self.residual_in_fp32:
@@ -131,10 +130,10 @@ class Mamba2DocModel(Mamba2PreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
 
-    def forward(self, input_ids: Optional[torch.LongTensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                cache_params: Optional[Cache] = None, use_cache: Optional[bool] = None,
-                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
-                attention_mask: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None,
+    def forward(self, input_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                cache_params: Cache | None = None, use_cache: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                attention_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
                 **kwargs) -> Mamba2Output:
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
@@ -193,11 +192,11 @@ class Mamba2DocForCausalLM(Mamba2ForCausalLM):
         super().initialize_weights()
         init.kaiming_uniform_(self.lm_head.weight, a=math.sqrt(5))  # nn.Linear's default: U(±1/√d)
 
-    def forward(self, input_ids: Optional[torch.LongTensor] = None, position_ids: Optional[torch.LongTensor] = None,
-                inputs_embeds: Optional[torch.Tensor] = None, cache_params: Optional[Cache] = None,
-                labels: Optional[torch.LongTensor] = None, output_hidden_states: Optional[bool] = None,
-                return_dict: Optional[bool] = None, use_cache: Optional[bool] = None,
-                attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int | torch.Tensor = 0,
+    def forward(self, input_ids: torch.LongTensor | None = None, position_ids: torch.LongTensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, cache_params: Cache | None = None,
+                labels: torch.LongTensor | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, use_cache: bool | None = None,
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs) -> Mamba2CausalLMOutput:
         # use_cache defaults to False (HF's follows config.use_cache in eval): a plain forward takes the
         # path with document resets; generate() passes use_cache=True. With a cache, position_ids are

@@ -12,14 +12,13 @@ The recurrence per head is
     S_t = exp(dt_t·A) · S_{t-1} · [same document as t-1] + dt_t · x_t ⊗ B_t        (S: [p, n])
     y_t = S_t · C_t + D · x_t
 """
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def seq_idx_from_position_ids(position_ids: Optional[Tensor]) -> Optional[Tensor]:
+def seq_idx_from_position_ids(position_ids: Tensor | None) -> Tensor | None:
     """Document ids (int32, starting at 0 in each row) from packed ``position_ids``; None if no row is packed.
 
     A new document starts wherever the position does not continue the previous one (``diff != 1``),
@@ -37,7 +36,7 @@ def seq_idx_from_position_ids(position_ids: Optional[Tensor]) -> Optional[Tensor
     return seq_idx
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor]) -> Tensor:
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
     """Causal depthwise conv over time of ``x`` [b, l, c] with ``weight`` [c, k]; taps from another document are zero.
 
     Written as a sum of k shifted copies (k = 4) so that each tap can be masked per position; with
@@ -77,7 +76,7 @@ def _segsum(a: Tensor) -> Tensor:
 
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                D: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None) -> Tensor:
+                D: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """Chunked SSD scan (Mamba-2's "minimal discrete" algorithm) with document resets; returns y [b, l, h, p].
 
     Computes in float32 (float64 stays float64) and returns x's dtype. Per chunk of ``chunk_size``
@@ -149,7 +148,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
 
 
 def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                   D: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None) -> Tensor:
+                   D: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """The recurrence in the module docstring, one step at a time (reference for tests; slow)."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]

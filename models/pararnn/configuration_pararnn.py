@@ -1,6 +1,5 @@
 """Configuration of the ParaRNN language model (shipped with exported checkpoints)."""
 import math
-from typing import Optional
 
 from transformers import PretrainedConfig
 
@@ -28,8 +27,8 @@ class ParaRNNConfig(PretrainedConfig):
     model_type = "pararnn"
 
     def __init__(self, cell: str = "gru", vocab_size: int = 50304, hidden_size: int = 1024,
-                 num_hidden_layers: int = 24, num_heads: int = 4, intermediate_size: Optional[int] = None,
-                 conv_kernel: int = 4, newton_iters: int = 3, mode: str = "auto", clip: Optional[float] = 0.5,
+                 num_hidden_layers: int = 24, num_heads: int = 4, intermediate_size: int | None = None,
+                 conv_kernel: int = 4, newton_iters: int = 3, mode: str = "auto", clip: float | None = 0.5,
                  cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  bos_token_id: int = 50256, eos_token_id: int = 50256, tie_word_embeddings: bool = False,
                  **kwargs):

@@ -43,7 +43,7 @@ class CausalDepthwiseConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, kernel))
         self.bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor, positions: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None) -> Tensor:
         # weight[:, -1] is the tap on the current step, weight[:, -1 - j] the tap j steps back.
         out = x * self.weight[:, -1]
         for j in range(1, min(self.kernel, x.shape[1] + 1)):
@@ -53,7 +53,7 @@ class CausalDepthwiseConv(nn.Module):
             out = out + shifted * self.weight[:, -1 - j]
         return out + self.bias
 
-    def tail(self, x: Tensor, positions: Optional[Tensor]) -> Tensor:
+    def tail(self, x: Tensor, positions: Tensor | None) -> Tensor:
         """The window the next step needs: the last ``kernel - 1`` inputs ``[B, kernel-1, d]``, zero before the
         current document's start (and before the sequence), so a step sees what :meth:`forward` would."""
         k1 = self.kernel - 1
@@ -87,7 +87,7 @@ class RNNBlock(nn.Module):
         # One element, not 0-dim: FSDP2's fully_shard and DeepSpeed ZeRO cannot shard 0-dim parameters.
         self.residual_scale = nn.Parameter(torch.ones(1))
 
-    def forward(self, x: Tensor, positions: Optional[Tensor], reset: Optional[Tensor],
+    def forward(self, x: Tensor, positions: Tensor | None, reset: Tensor | None,
                 cache: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
         v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
         if cache is not None and cache.has_previous_state:
@@ -132,7 +132,7 @@ class ParaRNNLayer(GradientCheckpointingLayer):
         self.rnn = RNNBlock(config)
         self.mlp = MLPBlock(config)
 
-    def forward(self, x: Tensor, positions: Optional[Tensor] = None, reset: Optional[Tensor] = None,
+    def forward(self, x: Tensor, positions: Tensor | None = None, reset: Tensor | None = None,
                 cache_params: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
         return self.mlp(self.rnn(x, positions, reset, cache_params, layer_idx))
 
@@ -172,9 +172,9 @@ class ParaRNNCache:
 class ParaRNNCausalLMOutput(ModelOutput):
     """``CausalLMOutput`` plus the recurrent cache (``cache_params``, the name generate() carries along)."""
 
-    loss: Optional[Tensor] = None
-    logits: Optional[Tensor] = None
-    cache_params: Optional[ParaRNNCache] = None
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    cache_params: ParaRNNCache | None = None
 
 
 class ParaRNNPreTrainedModel(PreTrainedModel):
@@ -217,8 +217,8 @@ class ParaRNNModel(ParaRNNPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
-                cache_params: Optional[ParaRNNCache] = None) -> Tensor:
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
+                cache_params: ParaRNNCache | None = None) -> Tensor:
         x = self.embed_tokens(input_ids)
         decoding = cache_params is not None and cache_params.has_previous_state
         reset = None if position_ids is None or decoding else position_ids == 0
@@ -257,14 +257,14 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
         for cell in self.cells():
             cell.track_residual = enabled
 
-    def newton_residual(self) -> Optional[Tensor]:
+    def newton_residual(self) -> Tensor | None:
         """Largest final Newton residual over the layers from the last forward (if tracked)."""
         values = [cell.last_residual for cell in self.cells() if cell.last_residual is not None]
         return torch.stack(values).amax() if values else None
 
-    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, cache_params: Optional[ParaRNNCache] = None,
-                use_cache: Optional[bool] = None, **kwargs) -> ParaRNNCausalLMOutput:
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, labels: Tensor | None = None,
+                attention_mask: Tensor | None = None, cache_params: ParaRNNCache | None = None,
+                use_cache: bool | None = None, **kwargs) -> ParaRNNCausalLMOutput:
         """``use_cache=True`` (set by generate()) returns ``cache_params``: with a filled cache, ``input_ids`` are
         the tokens that follow it (``attention_mask`` / ``position_ids`` are then ignored: padding was dealt
         with at the prefill). Without a cache this is the plain parallel forward."""
@@ -290,9 +290,9 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
         # generate() must not build a DynamicCache: forward creates its own ParaRNNCache (as Mamba / RWKV do).
         return False
 
-    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                                      cache_params: Optional[ParaRNNCache] = None, use_cache: Optional[bool] = None,
-                                      is_first_iteration: Optional[bool] = False, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                                      cache_params: ParaRNNCache | None = None, use_cache: bool | None = None,
+                                      is_first_iteration: bool | None = False, **kwargs):
         if use_cache and cache_params is not None and cache_params.has_previous_state:
             # Decode: only the tokens the cache has not seen (generate() slices to the last one as well).
             new = input_ids.shape[1] - cache_params.seen_tokens

@@ -22,10 +22,8 @@ checkpoints, so they use only torch and relative imports.
 """
 import math
 import warnings
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .pararnn_scan import linear_scan, matvec, transpose
@@ -43,7 +41,7 @@ def resets_from_cu_seqlens(cu_seqlens: Tensor, length: int) -> Tensor:
     return reset
 
 
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """``t.to(dtype)`` without the call when nothing changes (the triton path is host-bound at short T)."""
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
@@ -53,7 +51,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _shift(h: Tensor, h0: Optional[Tensor]) -> Tensor:
+def _shift(h: Tensor, h0: Tensor | None) -> Tensor:
     """Previous states ``h_{t-1}`` for every t; ``h0`` (or zeros) before the first step."""
     first = h0.unsqueeze(1).to(h.dtype) if h0 is not None else torch.zeros_like(h[:, :1])
     return torch.cat([first, h[:, :-1]], dim=1)
@@ -86,13 +84,13 @@ class ParaRNNCell(nn.Module):
 
     num_gates = 3
     state_blocks = 1
-    kernel_name: Optional[str] = None
+    kernel_name: str | None = None
     # Parallel modes: keep P for the backward (G·N values per token, vs D_in for x) or recompute it
     # there (one more GEMM). Set False on an instance for memory-bound large models.
     save_projection = True
 
     def __init__(self, input_dim: int, state_dim: int, num_heads: int = 2, mode: str = "parallel",
-                 newton_iters: int = 3, newton_tol: float = 0.0, clip: Optional[float] = None,
+                 newton_iters: int = 3, newton_tol: float = 0.0, clip: float | None = None,
                  init: str = "paper", autodiff_jacobians: bool = False):
         super().__init__()
         name = type(self).__name__
@@ -117,7 +115,7 @@ class ParaRNNCell(nn.Module):
         self.B = nn.Parameter(torch.empty(H, input_dim // H, G, N // H))
         self.b = nn.Parameter(torch.empty(G, N))
         self.track_residual = False
-        self.last_residual: Optional[Tensor] = None
+        self.last_residual: Tensor | None = None
         if type(self).__init__ is ParaRNNCell.__init__:
             # A subclass that defines only transition() must not be left with torch.empty weights.
             self.reset_parameters()
@@ -174,7 +172,7 @@ class ParaRNNCell(nn.Module):
         P = torch.einsum("...hd,hdgn->...ghn", xh, B.to(x.dtype))
         return P.reshape(*x.shape[:-1], G, self.state_dim) + b.to(P.dtype)
 
-    def project_backward(self, x: Optional[Tensor], B: Tensor, dP: Tensor,
+    def project_backward(self, x: Tensor | None, B: Tensor, dP: Tensor,
                          needs: tuple = (True, True, True)) -> tuple:
         """Gradients of :meth:`project` in closed form: ``(dx, dB, db)`` from ``dP [..., T, G, N]``.
 
@@ -211,7 +209,7 @@ class ParaRNNCell(nn.Module):
         Ph = torch.bmm(xh, _cast(B.view(H, Dh, G * Nh), x.dtype))
         return Ph.view(H, Bsz, T, G, Nh).permute(1, 2, 3, 0, 4)
 
-    def project_heads_backward(self, x: Optional[Tensor], B: Tensor, dP: Tensor, needs: tuple) -> tuple:
+    def project_heads_backward(self, x: Tensor | None, B: Tensor, dP: Tensor, needs: tuple) -> tuple:
         """``(dx, dB)`` of :meth:`project_heads` from ``dP`` in its layout (head-major storage).
 
         The GEMMs run in dP's dtype (the cast autocast would have made in the forward).
@@ -265,7 +263,7 @@ class ParaRNNCell(nn.Module):
         return self.local_vjp(h, p, rp, lam)
 
     # ------------------------------------------------------------------ application
-    def _check_inputs(self, x: Tensor, state: Optional[Tensor], reset: Optional[Tensor]) -> None:
+    def _check_inputs(self, x: Tensor, state: Tensor | None, reset: Tensor | None) -> None:
         name = type(self).__name__
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.input_dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -309,8 +307,8 @@ class ParaRNNCell(nn.Module):
                       stacklevel=3)
         return None
 
-    def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False,
-                reset: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None):
+    def forward(self, x: Tensor, state: Tensor | None = None, return_state: bool = False,
+                reset: Tensor | None = None, cu_seqlens: Tensor | None = None):
         """Apply the cell to a whole sequence.
 
         Args:
@@ -355,7 +353,7 @@ class ParaRNNCell(nn.Module):
         return torch.stack(out, dim=1).to(x.dtype)
 
     @torch.no_grad()
-    def _newton(self, P: Tensor, rp: tuple, h0: Optional[Tensor], keep: Optional[Tensor]):
+    def _newton(self, P: Tensor, rp: tuple, h0: Tensor | None, keep: Tensor | None):
         """Newton's method for the state trajectory in pure torch; returns ``(h, residual or None)``."""
         Bsz, T = P.shape[:2]
         K, N = self.state_blocks, self.state_dim
@@ -395,7 +393,7 @@ class ParaRNNCell(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def step(self, x_t: Tensor, state: Optional[Tensor] = None):
+    def step(self, x_t: Tensor, state: Tensor | None = None):
         """One step for generation, O(1) in the sequence length.
 
         Args:
@@ -407,7 +405,10 @@ class ParaRNNCell(nn.Module):
         dtype = _compute_dtype(x_t.dtype)
         Bsz, K, N = x_t.shape[0], self.state_blocks, self.state_dim
         p = self.project(x_t.unsqueeze(1), self.B, self.b)[:, 0].to(dtype)
-        h = torch.zeros(Bsz, K, N, dtype=dtype, device=x_t.device) if state is None else state.reshape(Bsz, K, N).to(dtype)
+        if state is None:
+            h = torch.zeros(Bsz, K, N, dtype=dtype, device=x_t.device)
+        else:
+            h = state.reshape(Bsz, K, N).to(dtype)
         h = self.transition(h, p, *(r.to(dtype) for r in self.recurrent_params()))
         return h[:, -1].to(x_t.dtype), h.reshape(Bsz, K * N).to(x_t.dtype)
 
