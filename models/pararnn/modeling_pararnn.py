@@ -313,13 +313,11 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
                                       cache_params: ParaRNNCache | None = None, use_cache: bool | None = None,
                                       is_first_iteration: bool | None = False, **kwargs):
         if use_cache and cache_params is not None and cache_params.has_previous_state:
-            # Decode: only the tokens the cache has not seen (generate() slices to the last one as well).
+            # Decode: only the tokens the cache has not seen; nothing else reaches forward (the padding mask
+            # was used at the prefill). HF's generic preparation is skipped: per token it costs more host
+            # time than a graph-replayed step takes on the GPU.
             new = input_ids.shape[1] - cache_params.seen_tokens
-            input_ids = input_ids[:, -max(new, 1):]
-            kwargs.pop("next_sequence_length", None)
-            kwargs.pop("position_ids", None)
-            attention_mask = None
-        model_inputs = super().prepare_inputs_for_generation(
+            return {"input_ids": input_ids[:, -max(new, 1):], "cache_params": cache_params, "use_cache": use_cache}
+        return super().prepare_inputs_for_generation(
             input_ids, attention_mask=attention_mask, cache_params=cache_params, use_cache=use_cache,
             is_first_iteration=is_first_iteration, **kwargs)
-        return model_inputs
