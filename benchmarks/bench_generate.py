@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -118,10 +118,11 @@ def plan(variants, reduced: bool, small: bool) -> list:
 # Models and timing
 # ------------------------------------------------------------------------------------------------
 def build(preset: str, device: str):
-    cfg = OmegaConf.load(os.path.join(ROOT, "configs", "model", f"{preset}.yaml"))
+    with open(os.path.join(ROOT, "configs", "model", f"{preset}.yaml")) as f:
+        cfg = yaml.safe_load(f)  # plain YAML: the GPU machine has no omegaconf
     torch.manual_seed(0)
     with torch.device(device):
-        model = build_model(cfg.arch, OmegaConf.to_container(cfg.config), VOCAB)
+        model = build_model(cfg["arch"], cfg["config"], VOCAB)
     if device == "cuda":
         model.to(torch.bfloat16)
     model.eval()
@@ -233,13 +234,15 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+GEN, LOOP = "generate, compiled graph", "plain loop, compiled graph"
+
+
 def summary(rows: list) -> list:
     """ParaRNN's batch-1 spread over context, and generate()'s own per-token time (vs the plain loop)."""
     out = []
     ok = [r for r in rows if "tokens_per_s" in r]
     for preset in sorted({r["preset"] for r in ok if r["arch"] == "pararnn"}):
-        b1 = [r for r in ok if r["preset"] == preset and r["variant"] == "generate, compiled graph"
-              and r["batch"] == 1]
+        b1 = [r for r in ok if r["preset"] == preset and r["variant"] == GEN and r["batch"] == 1]
         if len(b1) > 1:
             speeds = [r["tokens_per_s"] for r in b1]
             mean = sum(speeds) / len(speeds)
@@ -247,15 +250,16 @@ def summary(rows: list) -> list:
                        f"contexts {min(r['context'] for r in b1)}-{max(r['context'] for r in b1)} "
                        f"(spread {100 * (max(speeds) - min(speeds)) / mean:.1f}% of the mean)")
         for batch in sorted({r["batch"] for r in ok if r["preset"] == preset}):
-            gen = [r for r in ok if r["preset"] == preset and r["batch"] == batch and r["context"] == 128
-                   and r["variant"] == "generate, compiled graph"]
-            loop = [r for r in ok if r["preset"] == preset and r["batch"] == batch and r["context"] == 128
-                    and r["variant"] == "plain loop, compiled graph"]
-            if gen and loop:
-                extra = gen[0]["ms_per_token"] - loop[0]["ms_per_token"]
-                out.append(f"{preset} batch {batch}, context 128: generate() {gen[0]['ms_per_token']:.2f} ms/token, "
-                           f"plain loop {loop[0]['ms_per_token']:.2f}: generate()'s own work "
-                           f"{extra:.2f} ms/token ({100 * extra / gen[0]['ms_per_token']:.0f}%)")
+            pairs = {}
+            for r in ok:
+                if r["preset"] == preset and r["batch"] == batch and r["variant"] in (GEN, LOOP):
+                    pairs.setdefault(r["context"], {})[r["variant"]] = r["ms_per_token"]
+            both = sorted(c for c, p in pairs.items() if len(p) == 2)
+            if both:
+                gen, loop = pairs[both[0]][GEN], pairs[both[0]][LOOP]
+                out.append(f"{preset} batch {batch}, context {both[0]}: generate() {gen:.2f} ms/token, plain loop "
+                           f"{loop:.2f}: generate()'s own work {gen - loop:.2f} ms/token "
+                           f"({100 * (gen - loop) / gen:.0f}%)")
     return out
 
 
@@ -271,11 +275,12 @@ def plot(rows: list, path: str) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     batches = sorted({r["batch"] for r in ok})
     for ax, batch in zip(axes, (batches[0], 64 if 64 in batches else batches[-1])):
-        for key in sorted({(r["preset"], r["variant"]) for r in ok}):
+        for i, key in enumerate(sorted({(r["preset"], r["variant"]) for r in ok})):
             pts = sorted((r["context"], r["tokens_per_s"]) for r in ok
                          if (r["preset"], r["variant"]) == key and r["batch"] == batch)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]}: {key[1]}")
+            if pts:  # tab20: more lines than the default cycle's 10 colours
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=plt.cm.tab20(i % 20),
+                        label=f"{key[0]}: {key[1]}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length (prompt tokens)")

@@ -145,6 +145,16 @@ def test_logits_to_keep_limits_the_head_to_the_last_positions(model):
     assert heads == [1] * NEW, heads
 
 
+def test_prefill_cache_holds_no_view_of_the_trajectory(model):
+    """The prefill's cached states own their memory: a view of the cell's [B, T, K, N] trajectory would keep
+    all of it alive while decoding (24 GB at 1B, batch 8, 32k tokens). Mutation: no clone() -> fails."""
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache_params
+    for s in cache.conv_states + cache.cell_states:
+        assert s.untyped_storage().nbytes() == s.numel() * s.element_size()
+
+
 def test_static_step_equals_cached_decode_exactly(model):
     """decoding.decode_step (what the CUDA graph captures) run eagerly over static buffers gives the cached
     decode's logits bit for bit, step after step, and leaves the cache's states in the buffers.

@@ -102,7 +102,7 @@ class RNNBlock(nn.Module):
             # Prefill: the parallel forward, keeping the final state and the conv's window.
             v, state = self.cell(v, reset=reset, return_state=True)
             cache.conv_states[layer_idx] = self.conv.tail(conv_in, positions)
-            cache.cell_states[layer_idx] = state
+            cache.cell_states[layer_idx] = state.clone()  # a view would keep the whole trajectory alive
         else:
             v = self.cell(v, reset=reset)
         return self._output(x, v, g)
