@@ -24,14 +24,15 @@ For a bf16 (fp32) model the conv window and the cell state are bf16 (fp32), as o
 where ``cell.step`` computes in fp32 and returns its state in the input's dtype; the GEMMs run in the
 model dtype.
 
-Bookkeeping. Graphs are keyed by batch size, flavour, autocast state and state dtypes, captured on the
-first decode step of a key and kept up to ``MAX_GRAPHS`` (least recently used dropped). A cache is *bound*
-to a graph while its per-layer state lists hold that graph's buffers. Binding copies the cache's states
-into the buffers: after the prefill, after beam search's ``reorder_cache`` (which puts new tensors in the
-lists), after ``ParaRNNCache.reset``. A cache bound before to the same graph first gets copies of its
-states, so two live caches never share buffers. A new parameter storage (``model.to(...)``) drops every
-graph. Only torch is needed (exports ship this file), and nothing here runs off CUDA unless a test attaches
-a :class:`GraphDecoder` with ``capture=False`` (the same bookkeeping, run eagerly).
+Bookkeeping. Graphs are keyed by batch size, flavour, autocast and inference mode, and state dtypes,
+captured on the first decode step of a key and kept up to ``MAX_GRAPHS`` (least recently used dropped).
+A cache is *bound* to a graph while its per-layer state lists hold that graph's buffers. Binding copies
+the cache's states into the buffers: after the prefill, after beam search's ``reorder_cache`` (which puts
+new tensors in the lists), after ``ParaRNNCache.reset``. A cache bound before to the same graph first
+gets copies of its states, so two live caches never share buffers. A new parameter storage
+(``model.to(...)``) drops every graph. Only torch is needed (exports ship this file), and nothing here
+runs off CUDA unless a test attaches a :class:`GraphDecoder` with ``capture=False`` (the same
+bookkeeping, run eagerly).
 """
 import weakref
 from collections import OrderedDict
@@ -123,7 +124,7 @@ class GraphDecoder:
         """Logits ``[B, 1, V]`` (a fresh tensor) of the next token ``input_ids [B, 1]``; advances ``cache``."""
         device = input_ids.device.type
         key = (input_ids.shape[0], flavour, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
-               cache.conv_states[0].dtype, cache.cell_states[0].dtype)
+               torch.is_inference_mode_enabled(), cache.conv_states[0].dtype, cache.cell_states[0].dtype)
         graph = self.graphs.get(key)
         if graph is None or not graph.bound(cache):
             graph = self._bind(model, key, cache)
@@ -197,7 +198,7 @@ def attach(model, decoder: GraphDecoder | None) -> None:
 def graph_decode(model, input_ids: Tensor, cache) -> Tensor | None:
     """The logits of a one-token decode step through the model's graphs, or None where they do not apply
     and the caller runs the pure-torch step: ``config.decode_graph == "off"``, more than one new token,
-    gradients enabled, or no CUDA (unless a decoder was attached)."""
+    gradients enabled, no CUDA (unless a decoder was attached), or a model spread over several devices."""
     flavour = model.config.decode_graph
     if flavour == "off" or input_ids.shape[1] != 1 or torch.is_grad_enabled():
         return None
@@ -205,5 +206,7 @@ def graph_decode(model, input_ids: Tensor, cache) -> Tensor | None:
     if decoder is None:
         if not input_ids.is_cuda or torch.cuda.is_current_stream_capturing():
             return None
+        if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+            return None  # layers on several devices: one graph cannot hold them
         decoder = _DECODERS[model] = GraphDecoder()
     return decoder.step(model, input_ids, cache, flavour)
