@@ -42,6 +42,9 @@ inside the jobs it starts.
     ``SLURM_STEP_TASKS_PER_NODE``, ``SLURM_GTIDS``; with ``--gpus-per-node=G`` every task of node *i* sees
     that node's G GPUs (physical GPUs ``i*G .. i*G+G-1``, renumbered from 0 as under a cgroup:
     ``CUDA_VISIBLE_DEVICES``); without it, no GPU (``CUDA_VISIBLE_DEVICES=`` on a machine that has some);
+    the GPUs handed out are ``FAKE_SLURM_GPUS`` (e.g. ``0,1``; pretended ones work too), else nvidia-smi's;
+    ``FAKE_SLURM_NCCL_HOSTID=1`` gives each node's tasks ``NCCL_HOSTID=<node>``: NCCL then treats the
+    nodes as separate hosts and uses its network transport between them, as across real nodes;
   * forwards SIGUSR1, SIGUSR2, SIGTERM, SIGHUP, SIGQUIT, SIGCONT and SIGINT to every process of every
     task (slurmstepd signals the whole step);
   * ``--kill-on-bad-exit=1``: the first task that exits non-zero or by a signal ends the step: the others
@@ -369,6 +372,8 @@ def srun(argv: list) -> int:
                 env["SLURM_CPUS_PER_TASK"] = str(opts["cpus_per_task"])
             if gpus_per_node:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[node * gpus_per_node:(node + 1) * gpus_per_node])
+            if os.environ.get("FAKE_SLURM_NCCL_HOSTID") == "1":
+                env["NCCL_HOSTID"] = step_hosts[node]
             tasks.append({"rank": rank, "host": step_hosts[node],
                           "proc": subprocess.Popen(command, env=env, start_new_session=True)})
 
