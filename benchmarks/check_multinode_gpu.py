@@ -64,6 +64,11 @@ def launch(kind: str, run_dir: str, args, log) -> subprocess.Popen:
                "--ntasks-per-node=1", "--cpus-per-task=1" if args.cpu else "--cpus-per-task=4", *gpus,
                os.path.join("slurm", "train_multinode.sbatch"), *overrides(args, run_dir)]
         env.update(PYTHON=sys.executable, RUN_DIR=run_dir)
+        if not args.cpu:  # the GPUs fake_slurm hands out, one per node (without nvidia-smi too)
+            import torch
+
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            env["FAKE_SLURM_GPUS"] = visible or ",".join(str(i) for i in range(torch.cuda.device_count()))
         if kind == "emulated, NCCL_HOSTID per node":
             env["FAKE_SLURM_NCCL_HOSTID"] = "1"
     print(f"== {kind}: {' '.join(cmd)}", flush=True)

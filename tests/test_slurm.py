@@ -240,7 +240,7 @@ def test_every_rank_gets_its_own_rank_node_and_gpu(tmp_path):
     keys = "RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT CUDA_VISIBLE_DEVICES"
     body = f'for k in {keys}; do echo "$k=${{!k}}"; done > $out/rank.$SLURM_PROCID; echo "$@" >> $out/args'
     proc = _stub_job(tmp_path, body, ["--gpus-per-node=2"], FAKE_SLURM_GPUS="0,1,2,3", FAKE_SLURM_JOB_ID="104242")
-    output = proc.communicate(timeout=60)[0]
+    output = proc.communicate(timeout=180)[0]
     assert proc.returncode == 0, output
     ranks = []
     for task in range(4):
@@ -262,16 +262,16 @@ SLOW_STOPPER = """\
 [[ "$SLURM_RESTART_COUNT" == 0 ]] || { echo "rank $RANK resumed"; exit 0; }
 trap 'if [[ $RANK == 0 ]]; then exit 75; fi; sleep 20 & wait $!; exit 75' USR1
 touch $out/ready.$RANK
-sleep 60 & wait $!
+sleep 300 & wait $!
 """
 
 
 def _signal_when_ready(proc, tmp_path, sig=signal.SIGUSR1, ranks=4):
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while len(list(tmp_path.glob("ready.*"))) < ranks and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(sig)
-    return proc.communicate(timeout=120)[0]
+    return proc.communicate(timeout=180)[0]
 
 
 def test_usr1_requeues_even_when_srun_reports_a_rank_killed_after_the_first_exit(tmp_path):
@@ -299,7 +299,7 @@ def test_usr1_without_requeue_permission_exits_75_with_the_resume_hint(tmp_path)
 def test_sigterm_stops_without_requeue(tmp_path):
     """SIGTERM (scancel, or a preemption that the scheduler itself requeues) is forwarded, the ranks
     stop with 75, and the script does not requeue: it exits 75."""
-    body = "trap 'exit 75' TERM\ntouch $out/ready.$RANK\nsleep 60 & wait $!"
+    body = "trap 'exit 75' TERM\ntouch $out/ready.$RANK\nsleep 300 & wait $!"
     proc = _stub_job(tmp_path, body)
     output = _signal_when_ready(proc, tmp_path, signal.SIGTERM)
     assert proc.returncode == 75, output
@@ -343,7 +343,7 @@ def test_emulated_two_node_job_equals_four_process_torchrun(tmp_path_factory, tm
     --nproc_per_node 4``: every logged loss bit-identical (same ranks, same gloo reductions). Mutation:
     see the module docstring."""
     reference = _torchrun_reference(tmp_path_factory, data, strategy)
-    codes, output = h.finish([_job(tmp_path / "run", data, strategy)], timeout=300)
+    codes, output = h.finish([_job(tmp_path / "run", data, strategy)], timeout=600)
     assert codes == [0], output[-4000:]
     summary = h.summary(tmp_path / "run")
     assert summary["world_size"] == 4 and summary["strategy"] == strategy and summary["step"] == h.STEPS
@@ -351,7 +351,7 @@ def test_emulated_two_node_job_equals_four_process_torchrun(tmp_path_factory, tm
     _assert_learns(reference)
 
 
-def _wait_for_checkpoint(run_dir, step, proc, timeout=240):
+def _wait_for_checkpoint(run_dir, step, proc, timeout=480):
     marker = os.path.join(run_dir, "checkpoints", f"step_{step:07d}", "manifest.json")
     deadline = time.time() + timeout
     while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
@@ -378,7 +378,7 @@ def test_usr1_checkpoints_every_rank_requeues_and_resumes_exactly(tmp_path_facto
     job = _job(run_dir, data, "ddp")
     _wait_for_checkpoint(run_dir, 5, job)
     job.send_signal(signal.SIGUSR1)
-    codes, output = h.finish([job], timeout=300)
+    codes, output = h.finish([job], timeout=600)
     assert codes == [0], output[-4000:]
     stopped = _stopped_step(output)
     assert 5 <= stopped < h.STEPS and "received SIGUSR1" in output
@@ -425,7 +425,7 @@ def test_requeued_on_fewer_nodes_fsdp2_reshards_and_restarts_the_data(tmp_path, 
     job = _job(run_dir, data, "fsdp2", ("--nodes=1-2", "--ntasks-per-node=2"))
     _wait_for_checkpoint(run_dir, 5, job)
     job.send_signal(signal.SIGUSR1)
-    codes, output = h.finish([job], timeout=300)
+    codes, output = h.finish([job], timeout=600)
     assert codes == [0], output[-4000:]
     stopped = _stopped_step(output)
     checkpoint = run_dir / "checkpoints" / f"step_{stopped:07d}"
