@@ -13,7 +13,8 @@ inside the jobs it starts.
     understood: ``-N/--nodes`` (``MIN-MAX``: MAX nodes first, MIN after a requeue, as a busier
     scheduler might give), ``--ntasks-per-node``, ``--gpus-per-node``, ``-c/--cpus-per-task``,
     ``-J/--job-name``, ``--requeue`` / ``--no-requeue``, ``--array=I`` (one index); every other
-    option (``--time``, ``--signal``, ``--output``, ...) is accepted and ignored;
+    option (``--time=...``, ``--signal=...``, ``--output=...``, ``-p PART``, ``-A ACCT``) is accepted
+    and ignored (long ones in the ``--opt=value`` form);
   * runs a copy of the script from a spool directory (as slurmd does: the script is not where it was
     submitted from) with the batch-step environment: ``SLURM_JOB_ID``, ``SLURM_JOB_NAME``,
     ``SLURM_JOB_NODELIST`` / ``SLURM_NODELIST``, ``SLURM_JOB_NUM_NODES`` / ``SLURM_NNODES``,
