@@ -21,13 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def params_of(preset: str) -> int:
     import torch
-    from omegaconf import OmegaConf
+    import yaml
 
     from models.registry import build_model
 
-    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "model", f"{preset}.yaml"))
+    with open(os.path.join(os.path.dirname(__file__), "..", "configs", "model", f"{preset}.yaml")) as f:
+        cfg = yaml.safe_load(f)
     with torch.device("meta"):
-        model = build_model(cfg.arch, OmegaConf.to_container(cfg.config), 50257)
+        model = build_model(cfg["arch"], cfg["config"], 50257)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -67,12 +68,14 @@ def main() -> None:
     scale = ckpt_bytes / total
     result = {"bytes": total, "write_fsync_s": write_s, "manifest_hash_s": hash_s, "verify_s": verify_s,
               "hash_gb_per_s": total / hash_s / 1e9, "write_gb_per_s": total / write_s / 1e9,
-              "cpus": os.cpu_count(), "preset": args.preset, "params": params, "preset_ckpt_bytes": ckpt_bytes,
+              "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "preset": args.preset, "params": params,
+              "preset_ckpt_bytes": ckpt_bytes,
               "preset_hash_s": hash_s * scale, "preset_verify_s": verify_s * scale,
               "preset_write_s": write_s * scale}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "checksum.json"), "w") as f:
         json.dump(result, f, indent=1)
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"| what | measured on {total / 2**30:.2f} GiB | {args.preset} checkpoint "
           f"({params / 1e9:.2f}B params, {ckpt_bytes / 1e9:.1f} GB) |")
     print("|---|---|---|")
