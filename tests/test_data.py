@@ -364,13 +364,13 @@ def test_bad_data_file_fails_with_one_line_naming_file_and_cause(tmp_path, hf_to
     assert re.search(cause, msg) and "\n" not in msg, msg
 
 
-def test_directory_as_data_file_says_it_is_a_directory(tmp_path):
+def test_directory_as_data_file_says_it_is_a_directory(tmp_path, hf_tok):
     """Mutation: drop the ``os.path.isdir`` branch of ``resolve_data_files`` -> "data file not found" -> fails."""
     cfg = fixture_config(tmp_path, make_docs(3))
     cfg.train_files = [str(tmp_path)]
     with pytest.raises(ConfigError, match=rf"train_files: '{re.escape(str(tmp_path))}' is a directory, not a data "
                                           r"file \(list its files"):
-        cfg.validate()
+        PackedStream(cfg, hf_tok, batch_size=1)
 
 
 FILLER = [{"text": f"document {i} " + "word " * 60} for i in range(300)]  # > 64 KiB: past the first-bytes checks

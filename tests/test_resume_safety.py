@@ -87,8 +87,9 @@ def test_several_breaking_keys_are_all_named(run_dir):
     {"data__tokenizer": os.path.join(ROOT, "data", "tokenizer", "gpt2")},  # the same directory, spelt absolute
     {"run_dir": "/somewhere/else"},
 ])
-def test_harmless_change_is_allowed(run_dir, change):
+def test_harmless_change_is_allowed(run_dir, change, monkeypatch):
     """Mutation: ``is_breaking`` returns True for every key -> fails."""
+    monkeypatch.chdir(ROOT)  # where the relative tokenizer path resolves, whether against the repo or the cwd
     changes = check_resume(str(run_dir), with_changes(BASE, **change))
     assert list(changes) == ([] if "run_dir" in change or "data__tokenizer" in change
                              else [k.replace("__", ".") for k in change])
