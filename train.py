@@ -115,16 +115,19 @@ def train(cfg: DictConfig) -> dict:
     from training.distributed import peak_memory, prepare, shard, sharded_state
     from training.metrics import MetricsLogger
     from training.optim import build_optimizer, build_scheduler
+    from training.run_dir import check_resume, save_config
 
     run = Run(cfg)
     t = run.trainer
+    requested = OmegaConf.to_container(cfg, resolve=True)
+    changes = check_resume(run.run_dir, requested)  # refuses a breaking change before run_dir is touched
     accelerator = make_accelerator(t)
     check_trainer(t, accelerator.num_processes)
     main = accelerator.is_main_process
     micro_batch = t.batch_size // (t.grad_accum * accelerator.num_processes)
     os.makedirs(run.run_dir, exist_ok=True)
     if main:
-        OmegaConf.save(cfg, os.path.join(run.run_dir, "config.yaml"), resolve=True)
+        save_config(run.run_dir, requested, changes)
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(run.data.tokenizer)
@@ -149,6 +152,8 @@ def train(cfg: DictConfig) -> dict:
     latest = checkpointer.latest()
     if latest:
         checkpointer.load(latest, stream)
+        scheduler.last_epoch -= 1  # the loaded optimizer holds the old schedule's lr; take this step's from the
+        scheduler.step()           # current one (trainer.max_steps may have changed: training/run_dir.py)
         accelerator.print(f"resumed from {latest} (step {state.step}, {state.tokens:,} tokens)")
     logger = MetricsLogger(run.run_dir, main, run.wandb, OmegaConf.to_container(cfg, resolve=True), state.step)
     raw_model = accelerator.unwrap_model(model)

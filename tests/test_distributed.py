@@ -38,9 +38,11 @@ def _assert_matches_reference(run_dir, reference, strategy):
     h.assert_close(h.losses(run_dir), h.losses(reference[0]), tol=1e-4)
 
 
-def _export_equals_final_weights(run_dir, checkpoint_dir, out_dir):
-    """``python -m eval.export``'s path (in this process, no process group) gives the weights that the
-    live export at the end of training wrote."""
+def _export_equals_checkpointed_weights(run_dir, checkpoint_dir, out_dir, expected: dict, tol: float):
+    """``python -m eval.export``'s path (in this process, no process group) gives the weights that the live
+    export at the end of training wrote, and both equal ``expected``: the checkpointed model read without
+    eval.export or save_hf (not the export compared with itself). Mutation: add 1e-3 to a weight in
+    ``save_hf`` -> fails."""
     import torch
     from safetensors.torch import load_file
 
@@ -48,10 +50,18 @@ def _export_equals_final_weights(run_dir, checkpoint_dir, out_dir):
 
     export_checkpoint(str(run_dir), str(checkpoint_dir), str(out_dir))
     live, offline = load_file(run_dir / "hf" / "model.safetensors"), load_file(out_dir / "model.safetensors")
-    assert sorted(live) == sorted(offline)
+    assert sorted(live) == sorted(offline) == sorted(expected)
     for key in live:
         assert torch.equal(live[key], offline[key]), key
+        assert (offline[key].float() - expected[key].float()).abs().max().item() <= tol, key
     assert json.load(open(out_dir / "config.json"))["architectures"] == ["ParaRNNForCausalLM"]
+
+
+def _reference_weights(reference) -> dict:
+    """The single-process reference run's last checkpoint (same training in fp32), read with safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(reference[0] / "checkpoints" / f"step_{h.STEPS:07d}" / "model.safetensors")
 
 
 @pytest.mark.slow
@@ -72,13 +82,15 @@ def test_fsdp2_two_processes_match_one_and_checkpoint_exports(fsdp2_run, referen
     assert not (ckpt / "model.safetensors").exists() and not (ckpt / "optimizer.bin").exists()
     manifest = json.load(open(ckpt / "manifest.json"))
     assert manifest["world_size"] == 2 and "model_optim/__1_0.distcp" in manifest["files"]
-    _export_equals_final_weights(run_dir, ckpt, tmp_path / "export")
-    # the live export of the sharded model is the single-process model's (same training, fp32)
-    from safetensors.torch import load_file
+    # exactly the DCP checkpoint's model, consolidated by torch's own converter
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    sharded = load_file(run_dir / "hf" / "model.safetensors")
-    single = load_file(reference[0] / "hf" / "model.safetensors")
-    assert max((sharded[k] - single[k]).abs().max().item() for k in single) < 1e-4
+    dcp_to_torch_save(ckpt / "model_optim", tmp_path / "consolidated.pt")
+    consolidated = torch.load(tmp_path / "consolidated.pt", weights_only=False)["model"]
+    _export_equals_checkpointed_weights(run_dir, ckpt, tmp_path / "export", consolidated, tol=0.0)
+    # and the single-process model's (same training, fp32)
+    _export_equals_checkpointed_weights(run_dir, ckpt, tmp_path / "export", _reference_weights(reference), tol=1e-4)
 
 
 @pytest.mark.slow
@@ -110,7 +122,7 @@ def test_deepspeed_zero3_trains_like_one_process_and_checkpoint_exports(tmp_path
     ckpt = run_dir / "checkpoints" / "step_0000010"
     files = set(os.listdir(ckpt / "pytorch_model"))
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= files, files
-    _export_equals_final_weights(run_dir, ckpt, tmp_path / "export")
+    _export_equals_checkpointed_weights(run_dir, ckpt, tmp_path / "export", _reference_weights(reference), tol=1e-4)
 
 
 @pytest.mark.parametrize("arch, config, n_layers", [

@@ -134,6 +134,10 @@ def test_baseline_trains_resumes_and_exports(tmp_path, preset, hf_class):
 
 @pytest.mark.slow
 def test_export_loads_in_a_clean_process_with_equal_logits(uninterrupted, tmp_path):
+    """The live export at the end of training, loaded in a clean process (repo off the path, stdin closed),
+    gives the logits of the model built from config.yaml with the last checkpoint's weights read by
+    safetensors (not the export compared with itself), and loading prints no trust prompt. Mutation: add
+    1e-3 to a weight in ``save_hf`` -> fails."""
     run_dir, _ = uninterrupted
     import torch
 
@@ -147,8 +151,9 @@ def test_export_loads_in_a_clean_process_with_equal_logits(uninterrupted, tmp_pa
     cfg = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
     ids = load_tokenizer(cfg.data.tokenizer)("Fellow citizens of the Senate and House", return_tensors="pt").input_ids
     model = build_model("pararnn", OmegaConf.to_container(cfg.model.config), 50257)
-    model.load_state_dict(load_file(os.path.join(run_dir, "hf", "model.safetensors")))
-    expected = model.eval()(ids).logits
+    model.load_state_dict(load_file(os.path.join(run_dir, "checkpoints", "step_0000008", "model.safetensors")))
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
     torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
         import sys, torch
@@ -156,7 +161,7 @@ def test_export_loads_in_a_clean_process_with_equal_logits(uninterrupted, tmp_pa
         assert importlib.util.find_spec("models") is None, "the repo must not be importable here"
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained("{run_dir}/hf", trust_remote_code=True).eval()
-        tok = AutoTokenizer.from_pretrained("{run_dir}/hf")
+        tok = AutoTokenizer.from_pretrained("{run_dir}/hf", trust_remote_code=True)
         ref = torch.load("{tmp_path}/expected.pt")
         with torch.no_grad():
             logits = model(ref["ids"]).logits
@@ -168,6 +173,7 @@ def test_export_loads_in_a_clean_process_with_equal_logits(uninterrupted, tmp_pa
     proc = run_outside_repo(script, tmp_path, HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK ParaRNNForCausalLM" in proc.stdout
+    assert "custom code" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
