@@ -61,21 +61,21 @@ def load_job(overrides: list[str]) -> JobConfig:
 def check_memory(job: JobConfig, model: torch.nn.Module, device: torch.device, micro_batch: int, world_size: int,
                  bf16: bool) -> None:
     """Refuse a run whose memory floor (training/memory.py) exceeds the free memory, in one line."""
-    free = available_bytes(device)
-    if not job.trainer.memory_check or free is None:
-        return
     t = job.trainer
+    if not t.memory_check:
+        return
+    free, where = available_bytes(device)
     parts = estimate_bytes(params=sum(p.numel() for p in model.parameters()), vocab=model.config.vocab_size,
                            hidden=model.config.hidden_size, layers=model.config.num_hidden_layers,
                            micro_batch=micro_batch, seq_len=job.data.seq_len, arch=job.model.arch, bf16=bf16,
                            strategy=t.strategy, zero_stage=t.zero_stage, world_size=world_size,
                            gradient_checkpointing=t.gradient_checkpointing)
     need = sum(parts.values())
-    if need > free[0]:
+    if need > free:
         detail = " + ".join(f"{name} {size / GiB:.1f}" for name, size in parts.items())
         raise ConfigError(f"memory: this run needs at least {need / GiB:.1f} GiB per process ({detail}; micro-batch "
-                          f"{micro_batch} x data.seq_len={job.data.seq_len}) but {free[0] / GiB:.1f} GiB is "
-                          f"{free[1]}: lower data.seq_len or trainer.batch_size (or raise trainer.grad_accum); "
+                          f"{micro_batch} x data.seq_len={job.data.seq_len}) but {free / GiB:.1f} GiB is {where}: "
+                          f"lower data.seq_len or trainer.batch_size (or raise trainer.grad_accum); "
                           f"trainer.memory_check=false skips this check")
 
 

@@ -51,10 +51,9 @@ def estimate_bytes(*, params: int, vocab: int, hidden: int, layers: int, micro_b
     return parts
 
 
-def available_bytes(device: torch.device) -> tuple[int, str] | None:
+def available_bytes(device: torch.device) -> tuple[int, str]:
     """Free memory for this process and where the number comes from: the GPU's free memory, or on the
-    CPU the system's available memory (capped by a cgroup limit) shared by the processes of this node.
-    None when it cannot be read."""
+    CPU the system's available memory (capped by a cgroup v2 limit) shared by the processes of this node."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free, f"free on {torch.cuda.get_device_name(device)}"

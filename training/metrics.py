@@ -1,10 +1,10 @@
 """What a run reports: log lines for people, metrics for programs.
 
 * **Logs** (:func:`setup_logging`): our loggers (``train``, ``training``, ``data``, ``eval``, ``models``)
-  at INFO on the main process, libraries at WARNING. INFO lines go to stdout, warnings and errors to
-  stderr as ``warning: ...`` / ``error: ...``, written around tqdm's progress bar. Once the run directory
-  exists, :func:`log_to_file` adds ``run_dir/train.log`` (timestamped, appended on resume) and writes into
-  it what was logged before (e.g. a warning of the config checks).
+  at INFO on the main process (errors only on the others), libraries at WARNING. INFO lines go to stdout,
+  warnings and errors to stderr as ``warning: ...`` / ``error: ...``, written around tqdm's progress bar.
+  Once the run directory exists, :func:`log_to_file` adds ``run_dir/train.log`` (timestamped, appended on
+  resume) and writes into it what was logged before (e.g. a warning of the config checks).
 * **Metrics** (:class:`MetricsLogger`): one JSON object per line in ``run_dir/metrics.jsonl`` (and wandb
   when enabled), rank 0 only. On resume the file is cut back to the resumed step, so a restarted run
   leaves one clean curve.
@@ -51,7 +51,7 @@ def setup_logging(main_process: bool) -> None:
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
     for name in OUR_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if main_process else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if main_process else logging.ERROR)
     warnings.showwarning = _show_warning
 
 
