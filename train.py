@@ -401,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     training fails, 75 when stopped by a signal after a checkpoint."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if {"-h", "--help"} & set(argv):
-        print(f"usage: python train.py [GROUP=PRESET ...] [KEY=VALUE ...]\n\n"
-              f"presets: configs/{{model,data,trainer}}/*.yaml (defaults: configs/config.yaml)\n\n{JobConfig.help()}")
+        print("usage: python train.py [GROUP=PRESET ...] [KEY=VALUE ...]\n\npresets: "
+              "configs/{model,data,trainer}/*.yaml (the default pick: configs/config.yaml); every key below can be "
+              f"overridden\n\n{JobConfig.help()}")
         return 0
     setup_logging(main_process=int(os.environ.get("RANK", "0")) == 0)
     command = os.environ.get("TRAIN_COMMAND") or shlex.join(["python", "train.py", *argv])

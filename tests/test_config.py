@@ -103,7 +103,8 @@ def test_every_field_has_a_docstring_and_help_lists_it(capsys):
         assert not missing, f"{cls.__name__}: no docstring for {missing}"
     assert train.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "trainer.z_loss=0.0001" in out and "Coefficient of the z-loss" in out and "run_dir=None" in out
+    assert "trainer.z_loss=0.0001" in out and "Coefficient of the z-loss" in out and "run_dir=null" in out
+    assert "trainer.strategy=single  [single | ddp | fsdp2 | deepspeed]" in out
 
 
 # ---- types and ranges ------------------------------------------------------------------------------

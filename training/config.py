@@ -112,15 +112,18 @@ class Config:
 
     @classmethod
     def help(cls) -> str:
-        """Every key with its default and docstring, group by group."""
-        docs, schema, lines = _field_docs(cls), cls.schema(), []
+        """Every key as it is written on the command line, with its default, its choices and its docstring."""
+        docs, schema, hints, lines = _field_docs(cls), cls.schema(), get_type_hints(cls), []
         for f in dataclasses.fields(cls):
             if isinstance(f.type, type) and issubclass(f.type, Config):
                 lines += ["", f"{f.name}: {docs.get(f.name, '')}", f.type.help()]
                 continue
-            lines.append(f"  {_key(cls.KEY, f.name)}={_show(schema[f.name])}")
+            tp, _ = _optional(hints[f.name])
+            default = "  (required: set by the preset)" if schema[f.name] == "???" else f"={_cli(schema[f.name])}"
+            choices = f"  [{' | '.join(map(_cli, get_args(tp)))}]" if get_origin(tp) is Literal else ""
+            lines.append(f"  {_key(cls.KEY, f.name)}{default}{choices}")
             lines += [f"      {line}" for line in _wrap(docs.get(f.name, ""))]
-        return "\n".join(lines)
+        return "\n".join(lines).strip("\n")
 
 
 def _key(prefix: str, name: str) -> str:
@@ -129,6 +132,15 @@ def _key(prefix: str, name: str) -> str:
 
 def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def _cli(value: Any) -> str:
+    """A value as written in an override."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, list):
+        return "[" + ",".join(map(_cli, value)) + "]"
+    return str(value)
 
 
 def _plain(value: Any) -> Any:
