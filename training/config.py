@@ -9,8 +9,9 @@ finite), then the ranges the subclass adds in its own ``check``. Every failure i
 :class:`~training.common.ConfigError` whose one-line message names the key:
 ``trainer.max_steps: expected an int, got 'abc'``.
 
-Hydra only composes: :func:`compose` puts :meth:`Config.schema` (every key with its default) first in
-the defaults list, so every key exists before the presets and the command line are applied:
+Hydra only composes: :func:`compose` registers :meth:`Config.schema` (every key with its default) in
+Hydra's ConfigStore as ``schema``, which the top-level YAML lists first in its defaults (see
+configs/config.yaml), so every key exists before the presets and the command line are applied:
 ``trainer.lr=1e-3`` works without ``+``, and a misspelt key is still an error. The presets
 (``configs/<group>/*.yaml``) state only what differs from the defaults here. ``python train.py --help``
 prints every key with its default and docstring (:meth:`Config.help`).
@@ -253,9 +254,10 @@ def _describe(tp) -> str:
 
 
 def compose(schema: type[Config], config_dir: str, config_name: str, overrides: list[str]) -> dict[str, Any]:
-    """Hydra's composition of ``config_dir/config_name.yaml`` on top of ``schema``'s defaults, with the
-    command-line ``overrides``, resolved to plain values. Creates nothing on disk (no output directory, no
-    ``.hydra``, no log file) and turns Hydra's and OmegaConf's errors into one-line ConfigErrors."""
+    """Hydra's composition of ``config_dir/config_name.yaml`` (whose defaults list starts with ``schema``:
+    ``schema``'s defaults) with the command-line ``overrides``, resolved to plain values; build the config
+    with ``schema.from_dict`` of it. Creates nothing on disk (no output directory, no ``.hydra``, no log
+    file, unlike ``@hydra.main``) and turns Hydra's and OmegaConf's errors into one-line ConfigErrors."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
