@@ -2,12 +2,12 @@
 
 What is special here:
 
-* **Config first, heavy work second.** ``DataConfig.validate()`` runs before any dataset or
-  tokenizer is opened and raises :class:`ConfigError` with a one-line message naming the
-  offending key or file (a missing data file names the file or glob).
+* **Config first, heavy work second.** ``DataConfig.check()`` (:mod:`training.config`) runs before
+  any dataset or tokenizer is opened and raises :class:`ConfigError` with a one-line message naming
+  the offending key or file (a missing data file names the file or glob).
 * **Everything streams** through ``datasets.load_dataset(..., streaming=True)``: local
-  json/jsonl(.gz), parquet and text files, or a hub dataset. Relative paths are resolved
-  against the repository root, not the working directory.
+  json/jsonl(.gz), parquet and text files, or a hub dataset. Relative paths are relative to the
+  current directory.
 * **Documents** become ``[EOS] + tokens(text)`` (see :mod:`data.packing`). Text is encoded
   with ``split_special_tokens=True``: a literal ``"<|endoftext|>"`` inside a document is
   ordinary text, so EOS ids occur only at real document starts. Documents whose text is empty
@@ -42,7 +42,6 @@ from __future__ import annotations
 import bz2
 import codecs
 import copy
-import dataclasses
 import glob as globlib
 import gzip
 import json
@@ -51,13 +50,13 @@ import lzma
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from training.common import REPO_ROOT, ConfigError
+from training.common import ConfigError
+from training.config import DataConfig
 
 from .packing import Row, TokenPacker, collate_rows
 
@@ -67,111 +66,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
-LOCAL_FORMATS = ("json", "parquet", "text")
-FORMATS = LOCAL_FORMATS + ("hub",)
 SPLITS = ("train", "validation")
 STATE_VERSION = 1
 
 Batch = dict[str, torch.Tensor]
-
-
-# ------------------------------------------------------------------------------------------------
-# Config
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class DataConfig:
-    """What to read and how to cut it. Defaults: the State of the Union corpus embedded in
-    ``data/sotu`` with the GPT-2 tokenizer embedded in ``data/tokenizer/gpt2``.
-
-    Plain types only, so it works as an OmegaConf/Hydra structured config.
-    """
-
-    name: str = "sotu"
-    format: str = "json"  # "json" | "parquet" | "text" | "hub"
-    # local files: lists of paths or globs; relative paths resolve against the repo root
-    train_files: list[str] = field(default_factory=lambda: ["data/sotu/train.jsonl.gz"])
-    validation_files: list[str] = field(default_factory=lambda: ["data/sotu/validation.jsonl.gz"])
-    # hub datasets (format == "hub"): load_dataset(hub_path, hub_name, split=..., streaming=True)
-    hub_path: str | None = None
-    hub_name: str | None = None
-    train_split: str = "train"
-    validation_split: str | None = "validation"  # None: no validation data
-    # generic document filter, e.g. exclude_field="meta.redpajama_set_name",
-    # exclude_values=["RedPajamaBookSub"] drops Books3 from SlimPajama
-    exclude_field: str | None = None
-    exclude_values: list[str] = field(default_factory=list)
-    text_field: str = "text"  # dotted path allowed
-    load_kwargs: dict[str, Any] = field(default_factory=dict)  # extra load_dataset(...) kwargs
-    tokenizer: str = "data/tokenizer/gpt2"  # local directory (relative to the repo root) or hub name
-    seq_len: int = 1024
-    shuffle_buffer: int = 0  # documents; 0 = off (file order)
-    seed: int = 0
-    validation_rows: int | None = None  # cap on validation rows over all ranks; None = all
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:
-        """Build from a plain mapping (e.g. ``OmegaConf.to_container(cfg.data)``); unknown keys
-        raise :class:`ConfigError` naming the key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"data config: unknown key '{key}' (known: {', '.join(sorted(known))})")
-        kwargs = dict(values)
-        for key in ("train_files", "validation_files", "exclude_values"):
-            if isinstance(kwargs.get(key), str):
-                kwargs[key] = [kwargs[key]]
-        return cls(**kwargs)
-
-    def files(self, split: str) -> list[str]:
-        if split not in SPLITS:
-            raise ConfigError(f"data config '{self.name}': unknown split '{split}' (expected one of {SPLITS})")
-        return list(self.train_files if split == "train" else self.validation_files)
-
-    def has_split(self, split: str) -> bool:
-        if self.format == "hub":
-            return bool(self.train_split if split == "train" else self.validation_split)
-        return bool(self.files(split))
-
-    def validate(self, check_files: bool = True) -> DataConfig:
-        """Check the config without opening any dataset. Raises :class:`ConfigError`.
-
-        ``check_files`` resolves every local path/glob and fails if one matches no file."""
-        where = f"data config '{self.name}'"
-        if self.format not in FORMATS:
-            raise ConfigError(f"{where}: format must be one of {', '.join(FORMATS)}; got format={self.format!r}")
-        if not _is_positive_int(self.seq_len):
-            raise ConfigError(f"{where}: seq_len must be a positive integer; got seq_len={self.seq_len!r}")
-        if not isinstance(self.shuffle_buffer, int) or isinstance(self.shuffle_buffer, bool) or self.shuffle_buffer < 0:
-            raise ConfigError(f"{where}: shuffle_buffer must be an integer >= 0; "
-                              f"got shuffle_buffer={self.shuffle_buffer!r}")
-        if self.validation_rows is not None and not _is_positive_int(self.validation_rows):
-            raise ConfigError(f"{where}: validation_rows must be a positive integer or null; "
-                              f"got {self.validation_rows!r}")
-        if not isinstance(self.seed, int):
-            raise ConfigError(f"{where}: seed must be an integer; got seed={self.seed!r}")
-        if not self.text_field:
-            raise ConfigError(f"{where}: text_field must be a non-empty field name")
-        if not self.tokenizer:
-            raise ConfigError(f"{where}: tokenizer must name a directory or a hub tokenizer")
-        if self.exclude_values and not self.exclude_field:
-            raise ConfigError(f"{where}: exclude_values is set but exclude_field is not")
-        if self.format == "hub":
-            if not self.hub_path:
-                raise ConfigError(f"{where}: format=hub needs hub_path (e.g. 'DKYoon/SlimPajama-6B')")
-            if not self.train_split:
-                raise ConfigError(f"{where}: format=hub needs train_split")
-            if self.validation_split and self.validation_rows is None:
-                raise ConfigError(
-                    f"{where}: format=hub needs validation_rows "
-                    "(the validation split is streamed in full on every rank)"
-                )
-        else:
-            if not self.train_files:
-                raise ConfigError(f"{where}: train_files is empty")
-            if check_files:
-                for split in SPLITS:
-                    resolve_data_files(self.files(split), key=f"{split}_files")
-        return self
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -179,11 +77,10 @@ def _is_positive_int(value: Any) -> bool:
 
 
 def resolve_path(path: str) -> str:
-    """Expand ``~`` and resolve a relative path against the repo root; URLs pass through."""
+    """Expand ``~`` and make a relative path absolute (relative to the current directory); URLs pass through."""
     if "://" in path:
         return path
-    p = Path(os.path.expanduser(path))
-    return str(p if p.is_absolute() else REPO_ROOT / p)
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def resolve_data_files(patterns: Sequence[str], key: str = "files", fmt: str | None = None) -> list[str]:
@@ -380,7 +277,7 @@ def reading_error(cfg: DataConfig, split: str, err: BaseException) -> ConfigErro
 # Tokenizer
 # ------------------------------------------------------------------------------------------------
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained`` on a local directory (relative to the repo root) or, if
+    """``AutoTokenizer.from_pretrained`` on a local directory (relative to the current directory) or, if
     no such directory exists and the string does not look like a path, a hub name."""
     from transformers import AutoTokenizer
 
@@ -592,7 +489,7 @@ class PackedStream:
 
     def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None,
                  batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
-        cfg.validate()
+        cfg.check()
         if not _is_positive_int(batch_size):
             raise ConfigError(f"batch_size must be a positive integer; got batch_size={batch_size!r}")
         if not (_is_positive_int(world_size) and isinstance(rank, int) and 0 <= rank < world_size):
@@ -667,7 +564,7 @@ def pack_validation_rows(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) ->
     """All packed rows of the validation split (same packing as training, single pass, file
     order, no sharding), capped at ``cfg.validation_rows``. The tail that does not fill a row
     is dropped."""
-    cfg.validate()
+    cfg.check()
     source = DocumentSource(cfg, "validation", rank=0, world_size=1, repeat=False, shuffle_buffer=0)
     packer = TokenPacker(cfg.seq_len, int(tokenizer.eos_token_id))
     rows: list[Row] = []

@@ -22,7 +22,6 @@ import torch
 from tokenizers import Tokenizer
 
 from data.pipeline import (
-    REPO_ROOT,
     ConfigError,
     DataConfig,
     PackedStream,
@@ -31,6 +30,7 @@ from data.pipeline import (
     validation_batches,
 )
 from data.stats import token_byte_lengths, unigram_perplexity
+from training.common import REPO_ROOT
 
 TOKENIZER_DIR = REPO_ROOT / "data" / "tokenizer" / "gpt2"
 EOS = 50256
@@ -293,9 +293,9 @@ def test_missing_file_names_the_file(tmp_path, hf_tok):
     assert "no_such_shard.jsonl" in msg and "train_files" in msg and "\n" not in msg
 
     cfg = fixture_config(tmp_path, make_docs(3))
-    cfg.validation_files = ["nowhere/val-*.jsonl.gz"]  # relative glob, resolved against the repo root
+    cfg.validation_files = ["nowhere/val-*.jsonl.gz"]  # relative glob, resolved against the current directory
     with pytest.raises(ConfigError, match=r"validation_files: glob 'nowhere/val-\*\.jsonl\.gz' matches no file"):
-        cfg.validate()
+        cfg.check()
 
 
 @pytest.mark.parametrize("key,value", [("seq_len", 0), ("seq_len", -5), ("format", "csv"), ("shuffle_buffer", -1)])
@@ -308,7 +308,7 @@ def test_bad_values_name_the_key(tmp_path, key, value):
 
 
 def test_unknown_key_and_missing_text_field(tmp_path, hf_tok):
-    with pytest.raises(ConfigError, match="unknown key 'seqlen'"):
+    with pytest.raises(ConfigError, match="data.seqlen: unknown key"):
         DataConfig.from_dict({"name": "x", "seqlen": 8})
     cfg = fixture_config(tmp_path, make_docs(3), text_field="content")
     with pytest.raises(ConfigError, match=r"text_field: \S+train-00.jsonl line 1 has no field 'content' "
@@ -431,12 +431,12 @@ def test_hub_call_is_built_offline():
         "name": "slimpajama", "format": "hub", "hub_path": "DKYoon/SlimPajama-6B", "train_split": "train",
         "validation_split": "validation", "validation_rows": 512,
         "exclude_field": "meta.redpajama_set_name", "exclude_values": "RedPajamaBookSub",
-    }).validate()
+    })
     assert cfg.exclude_values == ["RedPajamaBookSub"]
     assert load_dataset_call(cfg, "train") == (("DKYoon/SlimPajama-6B", None), {"split": "train", "streaming": True})
     assert load_dataset_call(cfg, "validation")[1]["split"] == "validation"
     with pytest.raises(ConfigError, match="validation_rows"):
-        DataConfig(format="hub", hub_path="x/y").validate()
+        DataConfig(format="hub", hub_path="x/y", validation_rows=None).check()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_after_a_checkpoint(reference, tm
     assert codes == [75, 75], output[-3000:]  # training/preemption.py: EXIT_REQUEUE
     stopped = _steps(run_dir)[-1]
     assert 5 < stopped < h.STEPS and not (run_dir / "summary.json").exists()
-    assert f"stopped by a signal after step {stopped}" in output
+    assert f"stopped after step {stopped}; checkpoint written; re-run the same command" in output
     h.run(run_dir, overrides, nproc=2, launch="ranks")
     h.assert_close(h.losses(run_dir), h.losses(ref_dir), tol=1e-4)
 
@@ -160,9 +160,9 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(reference, tmp_pa
     in a row (steps 6-8, trainer.max_nonfinite_steps=3) stop the run with one clear line."""
     _, data = reference
     run_dir = tmp_path / "nan"
-    codes, output = h.run(run_dir, [*data, "+trainer.max_nonfinite_steps=3"], check=False, TEST_NAN_STEPS="3,6,7,8")
+    codes, output = h.run(run_dir, [*data, "trainer.max_nonfinite_steps=3"], check=False, TEST_NAN_STEPS="3,6,7,8")
     assert codes == [1], output[-3000:]
-    assert "error: stopping: 3 non-finite losses in a row" in output and "Traceback" not in output
+    assert "error: stopping at step 8: 3 non-finite losses" in output and "Traceback" not in output
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if "loss" in line]
     by_step = {r["step"]: r for r in records if "split" not in r}
     assert by_step[3]["loss"] != by_step[3]["loss"]  # NaN

@@ -47,8 +47,6 @@ def test_lm_loss_matches_cross_entropy_and_logsumexp(dtype):
     assert z.item() == pytest.approx(expected_z.item(), rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="ignore_index (-100) support arrives with training/loss.py on the trainer "
-                                       "branch; remove this marker when it is merged (strict: XPASS fails)")
 def test_lm_loss_skips_ignored_positions():
     """Labels of -100 are not scored: the cross-entropy equals ``F.cross_entropy(..., ignore_index=-100)``
     and the z-loss is the mean of logsumexp² over the scored positions only; nothing scored gives 0.
