@@ -254,10 +254,10 @@ def reading_error(cfg: DataConfig, split: str, err: BaseException) -> ConfigErro
                                        f"(fields: {', '.join(map(str, err.fields))})")
     else:
         cause = _first_line(err)
-    key = err.key if isinstance(err, MissingField) else f"{split}_files"
+    key = err.key if isinstance(err, MissingField) else f"data.{split}_files"
     if cfg.format == "hub":
         return ConfigError(f"{key}: reading {cfg.hub_path} (split {split}) failed: {cause}")
-    files = resolve_data_files(cfg.files(split), key=f"{split}_files", fmt=cfg.format)  # raises for the cheap cases
+    files = resolve_data_files(cfg.files(split), key=key, fmt=cfg.format)  # raises for the cheap cases
     for path in files:
         problem = None
         if cfg.format in ("json", "text") and not isinstance(err, MissingField):
@@ -322,7 +322,7 @@ def load_dataset_call(cfg: DataConfig, split: str) -> tuple[tuple[Any, ...], dic
     if cfg.format == "hub":
         kwargs["split"] = cfg.train_split if split == "train" else cfg.validation_split
         return (cfg.hub_path, cfg.hub_name), kwargs
-    files = resolve_data_files(cfg.files(split), key=f"{split}_files", fmt=cfg.format)
+    files = resolve_data_files(cfg.files(split), key=f"data.{split}_files", fmt=cfg.format)
     kwargs["data_files"] = {split: files}
     kwargs["split"] = split
     return (cfg.format,), kwargs

@@ -294,7 +294,7 @@ def test_missing_file_names_the_file(tmp_path, hf_tok):
 
     cfg = fixture_config(tmp_path, make_docs(3))
     cfg.validation_files = ["nowhere/val-*.jsonl.gz"]  # relative glob, resolved against the current directory
-    with pytest.raises(ConfigError, match=r"validation_files: glob 'nowhere/val-\*\.jsonl\.gz' matches no file"):
+    with pytest.raises(ConfigError, match=r"data.validation_files: glob 'nowhere/val-\*\.jsonl\.gz' matches no file"):
         cfg.check()
 
 
@@ -360,7 +360,7 @@ def test_bad_data_file_fails_with_one_line_naming_file_and_cause(tmp_path, hf_to
         else:
             validation_batches(cfg, hf_tok, batch_size=1)
     msg = str(err.value)
-    assert msg.startswith(f"{split}_files: {bad} "), msg
+    assert msg.startswith(f"data.{split}_files: {bad} "), msg
     assert re.search(cause, msg) and "\n" not in msg, msg
 
 
@@ -368,7 +368,7 @@ def test_directory_as_data_file_says_it_is_a_directory(tmp_path, hf_tok):
     """Mutation: drop the ``os.path.isdir`` branch of ``resolve_data_files`` -> "data file not found" -> fails."""
     cfg = fixture_config(tmp_path, make_docs(3))
     cfg.train_files = [str(tmp_path)]
-    with pytest.raises(ConfigError, match=rf"train_files: '{re.escape(str(tmp_path))}' is a directory, not a data "
+    with pytest.raises(ConfigError, match=rf"data.train_files: '{re.escape(str(tmp_path))}' is a directory, not a data "
                                           r"file \(list its files"):
         PackedStream(cfg, hf_tok, batch_size=1)
 
@@ -422,7 +422,8 @@ def test_train_py_reports_a_lazy_data_error_as_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: validation_files: {val} is not UTF-8 text (line 301, byte {val.stat().st_size - 4}: "
+    byte = val.stat().st_size - 4
+    assert errors == [f"error: data.validation_files: {val} is not UTF-8 text (line 301, byte {byte}: "
                       f"invalid continuation byte); convert it to UTF-8"], proc.stderr[-3000:]
 
 
