@@ -206,7 +206,7 @@ class ParaRNNCell(nn.Module):
             h = torch.zeros(Bsz, K, N, dtype=dtype, device=x_t.device)
         else:
             h = state.reshape(Bsz, K, N).to(dtype)
-        h = self.math.transition(h, p, *(r.to(dtype) for r in self.recurrent_params()))
+        h = self.transition(h, p, *(r.to(dtype) for r in self.recurrent_params()))
         return h[:, -1].to(x_t.dtype), h.reshape(Bsz, K * N).to(x_t.dtype)
 
 

@@ -29,7 +29,7 @@ residual, and the sweep kernel, launched every time, returns at once for chains 
 """
 import os
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -168,8 +168,7 @@ def _kernels(name: str, math: CellMath, x: Tensor):
     return None
 
 
-@dataclass(frozen=True)
-class _Options:
+class _Options(NamedTuple):  # a tuple: built on every call of the hot path, where host time counts
     """What :class:`ParaRNNFunction` needs besides tensors (see :func:`para_rnn`)."""
 
     kernels: object  # kernels.pararnn, or None for the torch path
