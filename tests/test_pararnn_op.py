@@ -32,6 +32,7 @@ CASES = {  # name: (B, T, D_in, N, H, initial state, reset positions [(b, t)])
 }
 PRECISIONS = {  # name: (dtype, newton_iters, relative tolerance on every output and gradient)
     "fp64": (F64, 12, 1e-10),
+    "fp64-3it": (F64, 3, 1e-5),  # what 3 Newton iterations reach here (the LSTM leaves 3e-6 on heads5)
     "fp32": (torch.float32, 3, 1e-5),
     "bf16": (torch.bfloat16, 3, 1e-2),
 }
