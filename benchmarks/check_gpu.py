@@ -190,7 +190,11 @@ def check_fallback(dev, cell, B, T, N):
     C = (torch.rand(2, N, device=dev, generator=gen) * 2 - 1) * amp if cell == "lstm" else None
     h0 = 0.5 * torch.randn(B, 1 if cell == "gru" else 2, N, device=dev, generator=gen)
     reset = torch.rand(B, T, device=dev, generator=gen) < 0.02
-    h_ref = kernel_oracle(cell, P, A, C, h0, reset, torch.zeros(B, T, N, device=dev))[0]
+    from models.pararnn.pararnn_solve import sequential
+
+    with torch.no_grad():
+        rw = (A.double(),) if C is None else (A.double(), C.double())
+        h_ref = sequential(_math_of(cell), P.double(), rw, h0.double(), (~reset).double()[:, :, None, None])
     count = torch.zeros((), dtype=torch.int64, device=dev)
     h_off, _ = solve_forward(cell, P, A, C, h0, reset, method="newton")
     h_fb, _ = solve_forward(cell, P, A, C, h0, reset, method="newton", fallback_tol=1e-4, fallback_count=count)
