@@ -166,3 +166,25 @@ def test_fallback_residual_and_count_are_reported():
     assert res.item() == res_off.item() > 1e-3
     assert 0 < count.item() <= leaves["x"].shape[0] * leaves["A"].shape[1]
     assert torch.equal(y_loose, y_off) and not torch.equal(y_fb, y_off)
+
+
+def test_non_finite_newton_result_is_resolved(monkeypatch):
+    """A NaN in Newton's trajectory (a diverged solve) counts as unconverged: the chain is solved again.
+
+    Mutation: ``bad = chains > fallback_tol`` in ``_torch_forward`` (NaN compares false) -> fails."""
+    from models.pararnn import pararnn_op
+
+    newton = pararnn_op.newton
+
+    def diverged(*args, **kwargs):
+        h = newton(*args, **kwargs)
+        h[0, 3:, :, 2] = float("nan")
+        return h
+
+    monkeypatch.setattr(pararnn_op, "newton", diverged)
+    leaves, reset, weights = make_inputs("gru", "odd")
+    ref = forward_backward(oracle_call("gru"), leaves, reset, weights, F64)
+    count = torch.zeros((), dtype=torch.int64)
+    got = forward_backward(op_call("gru", mode="parallel", fallback_count=count), leaves, reset, weights, torch.float32)
+    assert_close(got, ref, 1e-5, "gru with a NaN chain re-solved")
+    assert count.item() >= 1
