@@ -3,13 +3,15 @@ import math
 
 from transformers import PretrainedConfig
 
+from .pararnn_op import FALLBACK_TOL
+
 CELLS = ("gru", "lstm")
 MODES = ("auto", "sequential", "parallel", "triton")
 DECODE_GRAPHS = ("compiled", "graph", "off")
 
 
 class ParaRNNConfig(PretrainedConfig):
-    """A DCLM-style decoder whose attention is replaced by a ParaGRU or ParaLSTM block (spec §5.1).
+    """A DCLM-style decoder whose attention is replaced by a ParaGRU or ParaLSTM block (the paper's §5.2, App. C.1).
 
     Args:
         cell: ``"gru"`` (ParaGRU) or ``"lstm"`` (ParaLSTM).
@@ -21,6 +23,8 @@ class ParaRNNConfig(PretrainedConfig):
         newton_iters: Newton iterations of the parallel cell application.
         mode: ``"auto"`` (Triton on CUDA, else the torch parallel mode), or a cell mode.
         clip: bound on |a| and |c| (diagonal recurrent weights); None disables it.
+        fallback_tol: Newton residual above which a chain is solved again exactly (counted per cell as
+            ``newton_fallbacks``); None disables the check.
         cell_init: ``"paper"`` or ``"reference"`` (see ``ParaRNNCell``).
         vocab_size: padded vocabulary (embeddings are untied).
         decode_graph: how ``generate()`` decodes on CUDA after the prefill (see ``decoding.py``):
@@ -35,6 +39,7 @@ class ParaRNNConfig(PretrainedConfig):
     def __init__(self, cell: str = "gru", vocab_size: int = 50304, hidden_size: int = 1024,
                  num_hidden_layers: int = 24, num_heads: int = 4, intermediate_size: int | None = None,
                  conv_kernel: int = 4, newton_iters: int = 3, mode: str = "auto", clip: float | None = 0.5,
+                 fallback_tol: float | None = FALLBACK_TOL,
                  cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  bos_token_id: int = 50256, eos_token_id: int = 50256, tie_word_embeddings: bool = False,
                  decode_graph: str = "compiled", **kwargs):
@@ -58,6 +63,7 @@ class ParaRNNConfig(PretrainedConfig):
         self.newton_iters = newton_iters
         self.mode = mode
         self.clip = clip
+        self.fallback_tol = fallback_tol
         self.cell_init = cell_init
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range

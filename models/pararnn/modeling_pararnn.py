@@ -1,6 +1,6 @@
 """The ParaRNN language model as a transformers ``PreTrainedModel`` (shipped with exported checkpoints).
 
-Each layer is an RNN block followed by an MLP block (spec §5.1)::
+Each layer is an RNN block followed by an MLP block (the paper's §5.2 and App. C.1)::
 
     u = RMSNorm(x);  [v, g] = W_in u;  v = SiLU(causal depthwise conv(v));  v = cell(v)
     x = s·x + W_out (RMSNorm(v) ⊙ SiLU(g))              # s: a learnable residual scale
@@ -83,7 +83,8 @@ class RNNBlock(nn.Module):
         self.in_proj = nn.Linear(d, 2 * d, bias=False)
         self.conv = CausalDepthwiseConv(d, config.conv_kernel)
         self.cell = cell_cls(d, d, config.num_heads, mode=resolve_mode(config.mode),
-                             newton_iters=config.newton_iters, clip=config.clip, init=config.cell_init)
+                             newton_iters=config.newton_iters, clip=config.clip, init=config.cell_init,
+                             fallback_tol=config.fallback_tol)
         self.out_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
         # One element, not 0-dim: FSDP2's fully_shard and DeepSpeed ZeRO cannot shard 0-dim parameters.
@@ -270,6 +271,10 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
         """Largest final Newton residual over the layers from the last forward (if tracked)."""
         values = [cell.last_residual for cell in self.cells() if cell.last_residual is not None]
         return torch.stack(values).amax() if values else None
+
+    def newton_fallbacks(self) -> Tensor:
+        """Chains solved again exactly, over all layers since the model was built (Newton had not converged)."""
+        return sum(cell.newton_fallbacks for cell in self.cells())
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, labels: Tensor | None = None,
                 attention_mask: Tensor | None = None, cache_params: ParaRNNCache | None = None,
