@@ -355,6 +355,9 @@ def train(job: JobConfig, command: str) -> int:
                 residual = raw_model.newton_residual() if tracks_residual else None
                 if residual is not None:
                     record["newton_residual"] = accelerator.reduce(residual.float(), reduction="max").item()
+                if tracks_residual:  # chains Newton left unconverged and the cells re-solved exactly, since the start
+                    fallbacks = torch.as_tensor(raw_model.newton_fallbacks(), device=accelerator.device)
+                    record["newton_fallbacks"] = int(accelerator.reduce(fallbacks, reduction="sum").item())
                 metrics.log(record)
                 eta = progress.eta()
                 log.info(f"step {state.step}/{t.max_steps}  loss {step['loss']:.4f}  lr {record['lr']:.2e}  grad_norm "
