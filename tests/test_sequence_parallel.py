@@ -1,0 +1,163 @@
+"""Sequence parallelism (``models/pararnn/pararnn_seqpar.py``, ``training/sequence_parallel.py``): the time
+axis split over 2 or 4 CPU processes (gloo) gives one process's results.
+
+Each multi-process test spawns its ranks once (``torch.multiprocessing``) and checks several cases in them:
+rank r runs its chunk ``[r·T/P, (r+1)·T/P)``, the chunks' outputs are gathered and the parameter gradients
+summed over the ranks (what DDP / FSDP do), and rank 0 compares them with the same op or model run on
+the whole sequence in one process without any of the sequence-parallel code (fp32, relative error
+≤ 1e-5). The inputs straddle the chunk boundaries on purpose: a document starting exactly at a chunk's
+first step, a document spanning three or more chunks, an initial state, both cells, the torch and the
+Triton (interpreted) paths.
+"""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests import pararnn_oracle as oracle
+from tests.helpers import rel_err
+
+TOL = 1e-5
+B_, T_, D_, N_, H_ = 2, 32, 8, 16, 2  # T divisible by 2 and 4; chunks of 16 / 8 steps (the interpreter's tile: 8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, size: int, port: int, fn, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        fn(rank, size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, size: int, *args) -> None:
+    """Run ``fn(rank, size, *args)`` in ``size`` fresh processes of one gloo group; a failure in any fails."""
+    mp.spawn(_entry, args=(size, _free_port(), fn, args), nprocs=size, join=True)
+
+
+def chunk(t: torch.Tensor, rank: int, size: int, dim: int = 1) -> torch.Tensor:
+    n = t.shape[dim] // size
+    return t.narrow(dim, rank * n, n)
+
+
+def gather_time(t: torch.Tensor, size: int) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=1)
+
+
+def summed(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def resets(size: int) -> torch.Tensor:
+    """Row 0: a document starts exactly at the first step of chunk 1 (and one inside chunk 0); row 1: one
+    document from step 3 to step T-6, through every chunk; nothing starts at step 0 (h0 enters)."""
+    reset = torch.zeros(B_, T_, dtype=torch.bool)
+    reset[0, T_ // size] = True
+    reset[0, 2] = True
+    reset[1, 3] = True
+    reset[1, T_ - 5] = True
+    return reset
+
+
+# ------------------------------------------------------------------------------------------------- op
+def _op_inputs(cell: str, seed: int = 0) -> dict:
+    K = oracle.STATE_BLOCKS[cell]
+    g = torch.Generator().manual_seed(seed)
+    leaves = dict(x=torch.randn(B_, T_, D_, generator=g), B=torch.randn(H_, D_ // H_, 3, N_ // H_, generator=g) * 0.8,
+                  b=0.3 * torch.randn(3, N_, generator=g), A=(torch.rand(3, N_, generator=g) * 2 - 1) * 0.5,
+                  h0=torch.rand(B_, K, N_, generator=g) * 1.8 - 0.9)
+    if cell == "lstm":
+        leaves["C"] = (torch.rand(2, N_, generator=g) * 2 - 1) * 0.5
+    weights = (torch.randn(B_, T_, N_, generator=g), torch.randn(B_, K, N_, generator=g))
+    return dict(leaves=leaves, weights=weights)
+
+
+def _op_run(cell, inputs, reset, group, rank, size, **kwargs):
+    """The op forward and backward on this rank's chunk (everything when ``group`` is None): output, final
+    state, residual, every gradient, the fallback count."""
+    from models.pararnn import para_gru, para_lstm
+
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs["leaves"].items()}
+    wy, ws = inputs["weights"]
+    x, rst = leaves["x"], reset
+    if group is not None:
+        x, rst, wy = chunk(x, rank, size), chunk(reset, rank, size), chunk(wy, rank, size)
+    rw = (leaves["A"],) if cell == "gru" else (leaves["A"], leaves["C"])
+    count = torch.zeros((), dtype=torch.int64)
+    op = para_gru if cell == "gru" else para_lstm
+    y, final, res = op(x, leaves["B"], leaves["b"], *rw, h0=leaves["h0"], reset=rst, return_residual=True,
+                       fallback_count=count, seq_group=group, **kwargs)
+    loss = (y * wy).sum()
+    if group is None or rank == size - 1:  # the sequence's final state is the last rank's
+        loss = loss + (final * ws).sum()
+    loss.backward()
+    grads = {"d" + k: v.grad for k, v in leaves.items()}
+    out = {"y": y.detach(), "residual": res, "count": count, **grads}
+    if group is None:
+        out["final"] = final.detach()
+        return out
+    out["y"] = gather_time(out["y"], size)
+    out.update({k: summed(v) for k, v in grads.items()})  # dx: each rank's is zero outside its chunk
+    final = final.detach().clone()
+    dist.broadcast(final, src=size - 1)
+    out["final"] = final
+    return out
+
+
+def _op_worker(rank, size, cases, window):
+    from models.pararnn import pararnn_seqpar
+
+    pararnn_seqpar.WINDOW = window
+    group = dist.new_group(list(range(size)))
+    failures = []
+    for cell, mode, kwargs in cases:
+        inputs, reset = _op_inputs(cell), resets(size)
+        got = _op_run(cell, inputs, reset, group, rank, size, mode=mode, **kwargs)
+        if rank:
+            continue
+        ref = _op_run(cell, inputs, reset, None, 0, 1, mode=mode, **kwargs)
+        errs = {k: rel_err(got[k], ref[k]) for k in ref if k not in ("residual", "count")}
+        errs["residual"] = abs(got["residual"].item() - ref["residual"].item()) / max(ref["residual"].item(), 1e-6)
+        bad = {k: f"{e:.1e}" for k, e in errs.items() if e > TOL}
+        if got["count"].item() != ref["count"].item():
+            bad["count"] = (got["count"].item(), ref["count"].item())
+        if bad:
+            failures.append(f"{cell} {mode} {kwargs}: {bad}")
+    assert not failures, "sequence parallel != one process:\n" + "\n".join(failures)
+
+
+OP_CASES = [(cell, mode, {}) for cell in ("gru", "lstm") for mode in ("parallel", "triton")]
+SAME_ITERATES = [  # unconverged Newton, no fallback: the torch path must give one process's iterate itself
+    (cell, "parallel", dict(newton_iters=1, fallback_tol=None)) for cell in ("gru", "lstm")]
+FALLBACK = [("gru", "parallel", dict(newton_iters=1, fallback_tol=1e-9))]  # every row re-solved, rank by rank
+
+
+@pytest.mark.slow
+def test_op_two_ranks_match_one_process():
+    """Both cells, torch and Triton paths, plus one unconverged Newton iteration (the same iterate and
+    residual as one process) and the exact fallback pipeline; the Triton guess window shorter than a chunk.
+
+    Mutation: the carry-in dropped in ``pararnn_seqpar.newton`` (``d_in`` zero) -> fails (parallel);
+    ``carry_back`` returning zeros -> fails (gradients); ``_settle`` never re-solving -> fails (triton)."""
+    spawn(_op_worker, 2, OP_CASES + SAME_ITERATES + FALLBACK, 4)
+
+
+@pytest.mark.slow
+def test_op_four_ranks_match_one_process():
+    """Four chunks of 8 steps: row 1's document runs through all four, so the carries compose over three
+    boundaries (and the Triton path needs settling rounds: each guess sees one chunk only).
+
+    Mutation: ``carry_in`` composing only the previous rank's map -> fails."""
+    spawn(_op_worker, 4, OP_CASES + SAME_ITERATES, 2048)
