@@ -16,6 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from training import sequence_parallel
 from training.config import REPO_ROOT, ConfigError, ModelConfig, TrainerConfig, WandbConfig, check_trainer, to_dataclass
 from training.preemption import EXIT_REQUEUE, Preempted, Preemption
 
@@ -118,10 +119,17 @@ def train(cfg: DictConfig) -> dict:
 
     run = Run(cfg)
     t = run.trainer
+    if t.sequence_parallel > 1 and run.model.arch != "pararnn":
+        raise ConfigError(f"trainer.sequence_parallel={t.sequence_parallel} needs model.arch=pararnn, "
+                          f"got {run.model.arch}")
+    if run.data.seq_len % t.sequence_parallel:
+        raise ConfigError(f"data.seq_len={run.data.seq_len} is not divisible by trainer.sequence_parallel="
+                          f"{t.sequence_parallel}")
     accelerator = make_accelerator(t)
     check_trainer(t, accelerator.num_processes)
     main = accelerator.is_main_process
-    micro_batch = t.batch_size // (t.grad_accum * accelerator.num_processes)
+    sp = sequence_parallel.setup(t.sequence_parallel, accelerator.process_index, accelerator.num_processes)
+    micro_batch = t.batch_size // (t.grad_accum * sp.dp_size)
     os.makedirs(run.run_dir, exist_ok=True)
     if main:
         OmegaConf.save(cfg, os.path.join(run.run_dir, "config.yaml"), resolve=True)
@@ -132,13 +140,15 @@ def train(cfg: DictConfig) -> dict:
         model = build_model(run, len(tokenizer))
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if sp.size > 1:
+        model.set_sequence_parallel(sp.group)
     n_params = sum(p.numel() for p in model.parameters())
     model = shard(accelerator, model, t)  # FSDP2: fully_shard per block + root; other strategies: as is
     optimizer = build_optimizer(model, run.lr, run.weight_decay, t.betas, t.eps)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-    stream = PackedStream(run.data, tokenizer, micro_batch, accelerator.process_index, accelerator.num_processes)
-    val_batches = validation_batches(run.data, tokenizer, micro_batch, accelerator.process_index,
-                                     accelerator.num_processes)[: t.val_batches]
+    stream = PackedStream(run.data, tokenizer, micro_batch, sp.dp_rank, sp.dp_size)
+    val_batches = [sp.shard(b) for b in validation_batches(run.data, tokenizer, micro_batch, sp.dp_rank,
+                                                          sp.dp_size)[: t.val_batches]]
     byte_lengths = token_byte_lengths(tokenizer)
 
     model, optimizer = prepare(accelerator, model, optimizer, t, micro_batch)
@@ -167,7 +177,7 @@ def train(cfg: DictConfig) -> dict:
         z_sum = torch.zeros((), device=accelerator.device)
         grad_norm = None
         for _ in range(t.grad_accum):
-            batch = {k: v.to(accelerator.device) for k, v in next(stream).items()}
+            batch = {k: v.to(accelerator.device) for k, v in sp.shard(next(stream)).items()}
             with accelerator.accumulate(model):
                 logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
                 ce, z = lm_loss(logits, batch["labels"], t.z_loss)
@@ -224,7 +234,7 @@ def train(cfg: DictConfig) -> dict:
     final = validate(accelerator, model, val_batches, byte_lengths)
     summary = {"model": run.model.name, "arch": run.model.arch, "params": n_params, "step": state.step,
                "tokens": state.tokens, **final, "run_dir": run.run_dir, "strategy": t.strategy,
-               "world_size": accelerator.num_processes}
+               "world_size": accelerator.num_processes, "sequence_parallel": sp.size}
     hf_dir = os.path.join(run.run_dir, "hf")
     export_hf(accelerator, model, tokenizer, hf_dir)
     if main:

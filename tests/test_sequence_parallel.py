@@ -116,7 +116,7 @@ def _op_run(cell, inputs, reset, group, rank, size, **kwargs):
     return out
 
 
-def _op_worker(rank, size, cases, window):
+def _worker(rank, size, cases, window):
     from models.pararnn import pararnn_seqpar
 
     pararnn_seqpar.WINDOW = window
@@ -135,9 +135,63 @@ def _op_worker(rank, size, cases, window):
             bad["count"] = (got["count"].item(), ref["count"].item())
         if bad:
             failures.append(f"{cell} {mode} {kwargs}: {bad}")
+    _lm_check(rank, size, group, failures)
     assert not failures, "sequence parallel != one process:\n" + "\n".join(failures)
 
 
+# ------------------------------------------------------------------------------------------------- LM
+def _lm_batch(size: int) -> dict:
+    """Token ids, shifted labels and position ids (from :func:`resets`): row 0 starts in the middle of a
+    document (position 5), row 1 at one (position 0)."""
+    g = torch.Generator().manual_seed(1)
+    reset = resets(size)
+    reset[1, 0] = True
+    positions = torch.zeros(B_, T_, dtype=torch.long)
+    for row, start in ((0, 5), (1, 0)):
+        p = start
+        for t in range(T_):
+            p = 0 if reset[row, t] else p
+            positions[row, t] = p
+            p += 1
+    ids = torch.randint(0, 64, (B_, T_ + 1), generator=g)
+    return dict(input_ids=ids[:, :-1], labels=ids[:, 1:], position_ids=positions)
+
+
+def _lm_run(model, batch: dict, group, rank: int, size: int) -> dict:
+    """Logits of the whole sequence and the gradients of the summed cross-entropy, on this rank's chunk
+    (everything when ``group`` is None); gradients summed over the ranks."""
+    import torch.nn.functional as F
+
+    model.zero_grad()
+    model.set_sequence_parallel(group)
+    if group is not None:
+        batch = {k: chunk(v, rank, size) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum").backward()
+    out = {"logits": logits.detach(), **{n: p.grad for n, p in model.named_parameters()}}
+    if group is not None:
+        out = {k: gather_time(v, size) if k == "logits" else summed(v) for k, v in out.items()}
+    model.set_sequence_parallel(None)
+    return out
+
+
+def _lm_check(rank, size, group, failures):
+    from models.pararnn import ParaRNNConfig, ParaRNNForCausalLM
+
+    batch = _lm_batch(size)
+    for cell, mode in LM_CASES:
+        torch.manual_seed(0)
+        model = ParaRNNForCausalLM(ParaRNNConfig(cell=cell, vocab_size=64, hidden_size=D_, num_hidden_layers=2,
+                                                 num_heads=H_, intermediate_size=32, mode=mode))
+        got = _lm_run(model, batch, group, rank, size)
+        if rank == 0:
+            ref = _lm_run(model, batch, None, 0, 1)
+            bad = {k: f"{e:.1e}" for k in ref if (e := rel_err(got[k], ref[k])) > TOL}
+            if bad:
+                failures.append(f"LM {cell} {mode}: {bad}")
+
+
+LM_CASES = [("gru", "parallel"), ("lstm", "parallel"), ("gru", "triton")]
 OP_CASES = [(cell, mode, {}) for cell in ("gru", "lstm") for mode in ("parallel", "triton")]
 SAME_ITERATES = [  # unconverged Newton, no fallback: the torch path must give one process's iterate itself
     (cell, "parallel", dict(newton_iters=1, fallback_tol=None)) for cell in ("gru", "lstm")]
@@ -145,19 +199,44 @@ FALLBACK = [("gru", "parallel", dict(newton_iters=1, fallback_tol=1e-9))]  # eve
 
 
 @pytest.mark.slow
-def test_op_two_ranks_match_one_process():
-    """Both cells, torch and Triton paths, plus one unconverged Newton iteration (the same iterate and
-    residual as one process) and the exact fallback pipeline; the Triton guess window shorter than a chunk.
+def test_two_ranks_match_one_process():
+    """The op (both cells, torch and Triton paths, plus one unconverged Newton iteration: the same iterate
+    and residual as one process; and the exact fallback pipeline; the Triton guess window shorter than a
+    chunk) and the LM (logits and every parameter gradient).
 
     Mutation: the carry-in dropped in ``pararnn_seqpar.newton`` (``d_in`` zero) -> fails (parallel);
     ``carry_back`` returning zeros -> fails (gradients); ``_settle`` never re-solving -> fails (triton)."""
-    spawn(_op_worker, 2, OP_CASES + SAME_ITERATES + FALLBACK, 4)
+    spawn(_worker, 2, OP_CASES + SAME_ITERATES + FALLBACK, 4)
 
 
 @pytest.mark.slow
-def test_op_four_ranks_match_one_process():
+def test_four_ranks_match_one_process():
     """Four chunks of 8 steps: row 1's document runs through all four, so the carries compose over three
-    boundaries (and the Triton path needs settling rounds: each guess sees one chunk only).
+    boundaries (and the Triton path needs settling rounds: each guess sees one chunk only); op and LM.
 
     Mutation: ``carry_in`` composing only the previous rank's map -> fails."""
-    spawn(_op_worker, 4, OP_CASES + SAME_ITERATES, 2048)
+    spawn(_worker, 4, OP_CASES + SAME_ITERATES, 2048)
+
+
+# --------------------------------------------------------------------------------------------- train.py
+@pytest.mark.slow
+def test_train_two_ranks_sequence_parallel_matches_one_process(tmp_path_factory):
+    """``train.py trainer.sequence_parallel=2`` under torchrun (2 CPU processes, each holding 16 of the 32
+    steps of every row, both reading the whole global batch) logs the losses of the one-process run of
+    tests/distributed_helpers.py, step by step over its 10 steps (≤ 1e-4: fp32, gloo's reduction order),
+    and learns.
+
+    Mutation: the conv's tail from the previous rank dropped in ``RNNBlock.forward`` (``prefix = None``) ->
+    fails; each rank reading its own rows (``PackedStream(..., process_index, num_processes)``) -> fails."""
+    import distributed_helpers as h
+
+    ref_dir, data = h.reference(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp("seqpar")
+    h.run(run_dir, [*data, "trainer=ddp", "trainer.device=cpu", "trainer.precision=fp32",
+                    "trainer.sequence_parallel=2"], nproc=2)
+    s = h.summary(run_dir)
+    assert s["world_size"] == 2 and s["sequence_parallel"] == 2 and s["step"] == h.STEPS
+    got, ref = h.losses(run_dir), h.losses(ref_dir)
+    h.assert_close(got, ref, tol=1e-4)
+    assert got[h.STEPS] < got[1] - 0.3, got  # it learns (10.83 -> 10.45 in these 10 steps)
+    assert abs(s["val_loss"] - h.summary(ref_dir)["val_loss"]) < 1e-4

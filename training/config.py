@@ -47,6 +47,8 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     seed_data: bool = True
+    sequence_parallel: int = 1        # ranks per sequence: each holds 1/N of its time steps (ParaRNN only; see
+                                      # training/sequence_parallel.py); the other factor of the world is DP
 
 
 @dataclass
@@ -94,8 +96,12 @@ def check_trainer(t: TrainerConfig, world_size: int) -> None:
             raise ConfigError(f"trainer.{key} must be > 0, got {getattr(t, key)}")
     if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
         raise ConfigError(f"trainer.warmup_steps must be in [0, max_steps={t.max_steps}], got {t.warmup_steps}")
-    if t.batch_size % (t.grad_accum * world_size):
+    if t.sequence_parallel < 1 or world_size % t.sequence_parallel:
+        raise ConfigError(f"trainer.sequence_parallel={t.sequence_parallel} must be >= 1 and divide the world size "
+                          f"{world_size}")
+    data_parallel = world_size // t.sequence_parallel
+    if t.batch_size % (t.grad_accum * data_parallel):
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by trainer.grad_accum={t.grad_accum} "
-                          f"x world size {world_size}")
+                          f"x data-parallel size {data_parallel} (world size {world_size} / trainer.sequence_parallel)")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"trainer.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
