@@ -116,7 +116,7 @@ def _op_run(cell, inputs, reset, group, rank, size, **kwargs):
     return out
 
 
-def _worker(rank, size, cases, window):
+def _worker(rank, size, cases, window, layout=False):
     from models.pararnn import pararnn_seqpar
 
     pararnn_seqpar.WINDOW = window
@@ -136,6 +136,8 @@ def _worker(rank, size, cases, window):
         if bad:
             failures.append(f"{cell} {mode} {kwargs}: {bad}")
     _lm_check(rank, size, group, failures)
+    if layout:
+        _data_parallel_check(rank, size, failures)
     assert not failures, "sequence parallel != one process:\n" + "\n".join(failures)
 
 
@@ -191,6 +193,38 @@ def _lm_check(rank, size, group, failures):
                 failures.append(f"LM {cell} {mode}: {bad}")
 
 
+def _data_parallel_check(rank, size, failures):
+    """train.py's layout on 4 ranks: 2 sequence-parallel groups of 2 (training.sequence_parallel.setup), each
+    reading its own row; each rank's loss is the mean over its tokens and the gradients are averaged over
+    all 4 ranks (DDP's reduction): the gradient of one process's mean loss over both rows."""
+    import torch.nn.functional as F
+
+    from models.pararnn import ParaRNNConfig, ParaRNNForCausalLM
+    from training.sequence_parallel import setup
+
+    sp = setup(2, rank, size)
+    batch = _lm_batch(2)
+    torch.manual_seed(0)
+    model = ParaRNNForCausalLM(ParaRNNConfig(vocab_size=64, hidden_size=D_, num_hidden_layers=2, num_heads=H_,
+                                             intermediate_size=32, mode="parallel"))
+
+    def grads(part):
+        model.zero_grad()
+        logits = model(input_ids=part["input_ids"], position_ids=part["position_ids"]).logits
+        F.cross_entropy(logits.flatten(0, 1), part["labels"].flatten()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.set_sequence_parallel(sp.group)
+    got = grads(sp.shard({k: v[sp.dp_rank:sp.dp_rank + 1] for k, v in batch.items()}))
+    got = {k: summed(v) / size for k, v in got.items()}
+    model.set_sequence_parallel(None)
+    if rank == 0:
+        ref = grads(batch)
+        bad = {k: f"{e:.1e}" for k in ref if (e := rel_err(got[k], ref[k])) > TOL}
+        if bad:
+            failures.append(f"2 x 2 layout: {bad}")
+
+
 LM_CASES = [("gru", "parallel"), ("lstm", "parallel"), ("gru", "triton")]
 OP_CASES = [(cell, mode, {}) for cell in ("gru", "lstm") for mode in ("parallel", "triton")]
 SAME_ITERATES = [  # unconverged Newton, no fallback: the torch path must give one process's iterate itself
@@ -212,10 +246,12 @@ def test_two_ranks_match_one_process():
 @pytest.mark.slow
 def test_four_ranks_match_one_process():
     """Four chunks of 8 steps: row 1's document runs through all four, so the carries compose over three
-    boundaries (and the Triton path needs settling rounds: each guess sees one chunk only); op and LM.
+    boundaries (and the Triton path needs settling rounds: each guess sees one chunk only); op and LM; and
+    the trainer's layout of 4 ranks as 2 sequence-parallel groups x 2 data-parallel replicas.
 
-    Mutation: ``carry_in`` composing only the previous rank's map -> fails."""
-    spawn(_worker, 4, OP_CASES + SAME_ITERATES, 2048)
+    Mutation: ``carry_in`` composing only the previous rank's map -> fails; ``SequenceParallel.shard``
+    giving every rank chunk 0 -> fails (layout)."""
+    spawn(_worker, 4, OP_CASES + SAME_ITERATES, 2048, True)
 
 
 # --------------------------------------------------------------------------------------------- train.py
