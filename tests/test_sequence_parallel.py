@@ -256,19 +256,22 @@ def test_four_ranks_match_one_process():
 
 # --------------------------------------------------------------------------------------------- train.py
 @pytest.mark.slow
-def test_train_two_ranks_sequence_parallel_matches_one_process(tmp_path_factory):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_train_two_ranks_sequence_parallel_matches_one_process(tmp_path_factory, strategy):
     """``train.py trainer.sequence_parallel=2`` under torchrun (2 CPU processes, each holding 16 of the 32
     steps of every row, both reading the whole global batch) logs the losses of the one-process run of
     tests/distributed_helpers.py, step by step over its 10 steps (≤ 1e-4: fp32, gloo's reduction order),
-    and learns.
+    and learns; under DDP and under FSDP2 (which also checkpoints activations: the recomputed forward
+    exchanges again).
 
     Mutation: the conv's tail from the previous rank dropped in ``RNNBlock.forward`` (``prefix = None``) ->
-    fails; each rank reading its own rows (``PackedStream(..., process_index, num_processes)``) -> fails."""
+    fails (ddp); each rank reading its own rows (``PackedStream(..., process_index, num_processes)``) -> fails
+    (ddp)."""
     import distributed_helpers as h
 
     ref_dir, data = h.reference(tmp_path_factory)
-    run_dir = tmp_path_factory.mktemp("seqpar")
-    h.run(run_dir, [*data, "trainer=ddp", "trainer.device=cpu", "trainer.precision=fp32",
+    run_dir = tmp_path_factory.mktemp(f"seqpar_{strategy}")
+    h.run(run_dir, [*data, f"trainer={strategy}", "trainer.device=cpu", "trainer.precision=fp32",
                     "trainer.sequence_parallel=2"], nproc=2)
     s = h.summary(run_dir)
     assert s["world_size"] == 2 and s["sequence_parallel"] == 2 and s["step"] == h.STEPS
