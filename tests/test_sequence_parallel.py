@@ -9,6 +9,7 @@ the whole sequence in one process without any of the sequence-parallel code (fp3
 first step, a document spanning three or more chunks, an initial state, both cells, the torch and the
 Triton (interpreted) paths.
 """
+import os
 import socket
 
 import pytest
@@ -279,3 +280,44 @@ def test_train_two_ranks_sequence_parallel_matches_one_process(tmp_path_factory,
     h.assert_close(got, ref, tol=1e-4)
     assert got[h.STEPS] < got[1] - 0.3, got  # it learns (10.83 -> 10.45 in these 10 steps)
     assert abs(s["val_loss"] - h.summary(ref_dir)["val_loss"]) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------ configuration
+def test_sequence_parallel_config_checks():
+    """``check_trainer`` rejects a group size that does not divide the world and a batch that does not
+    divide over the data-parallel ranks (world / N); the layout of 4 ranks in groups of 2; the op refuses
+    the sequential mode with a group.
+
+    Mutation: the data-parallel size taken as the world size in ``check_trainer`` -> fails."""
+    from models.pararnn import para_gru
+    from training.config import ConfigError, TrainerConfig, check_trainer
+    from training.sequence_parallel import SequenceParallel
+
+    with pytest.raises(ConfigError, match="sequence_parallel=3"):
+        check_trainer(TrainerConfig(sequence_parallel=3), 4)
+    with pytest.raises(ConfigError, match="data-parallel size 2"):
+        check_trainer(TrainerConfig(sequence_parallel=2, batch_size=3), 4)
+    check_trainer(TrainerConfig(sequence_parallel=2, batch_size=2), 4)  # 2 rows, one per data-parallel pair
+    batch = {"input_ids": torch.arange(16).view(2, 8)}
+    assert SequenceParallel(2, 1, 0, 1, None).shard(batch)["input_ids"].tolist() == [[4, 5, 6, 7], [12, 13, 14, 15]]
+    inputs = _op_inputs("gru")["leaves"]
+    with pytest.raises(ValueError, match="needs mode 'parallel' or 'triton'"):
+        para_gru(inputs["x"], inputs["B"], inputs["b"], inputs["A"], mode="sequential", seq_group=object())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, needle", [
+    ("model=transformer_tiny", "needs model.arch=pararnn"),
+    ("data.seq_len=33", "data.seq_len=33 is not divisible by trainer.sequence_parallel=2"),
+])
+def test_train_rejects_impossible_sequence_parallel_in_one_line(tmp_path, override, needle):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "train.py"), f"run_dir={tmp_path}",
+                           "trainer.sequence_parallel=2", override], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {needle}" in proc.stderr or needle in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

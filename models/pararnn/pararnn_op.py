@@ -37,8 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import pararnn_seqpar as seqpar
 from .pararnn_math import GRU, LSTM, CellMath
+from .pararnn_seqpar import adjoint_carry, all_max, rank_size, resolve_rows, triton_adjoint, triton_solve
+from .pararnn_seqpar import newton as split_newton
 from .pararnn_solve import (
     adjoint,
     cast,
@@ -230,7 +231,7 @@ class ParaRNNFunction(torch.autograd.Function):
                 h, residual = kern.solve_forward(math.name, P, rw[0], C, h0, reset, **solve)
                 carry = h0
             else:
-                h, residual, carry = seqpar.triton_solve(kern, math, P, rw[0], C, h0, reset, opts.seq_group, **solve)
+                h, residual, carry = triton_solve(kern, math, P, rw[0], C, h0, reset, opts.seq_group, **solve)
         else:
             P = project(x, B, b)
             h, residual, carry = _torch_forward(math, opts, P, h0, reset, rw)
@@ -240,7 +241,7 @@ class ParaRNNFunction(torch.autograd.Function):
         ctx.math, ctx.opts = math, opts
         # carry: the state entering this chunk (h0 but on the later ranks of a sequence-parallel group)
         ctx.h0_dtype = None if h0 is None else h0.dtype
-        ctx.h0_enters = opts.seq_group is None or seqpar.rank_size(opts.seq_group)[0] == 0
+        ctx.h0_enters = opts.seq_group is None or rank_size(opts.seq_group)[0] == 0
         need_x = ctx.needs_input_grad[5] or not opts.save_projection  # x: for dB, or to recompute P
         ctx.save_for_backward(x if need_x else None, P if opts.save_projection else None, carry, reset, B, b, h, *rw)
         return h[:, :, -1], h[:, -1], residual
@@ -272,7 +273,7 @@ class ParaRNNFunction(torch.autograd.Function):
                 dP, dA, dC, db, dh0 = kern.solve_backward(math.name, P, rw[0], C, carry, reset, h, grad_h, bias=b,
                                                           clip=opts.clip)
             else:
-                dP, dA, dC, db, dh0 = seqpar.triton_adjoint(kern, math, P, rw[0], C, carry, reset, h, grad_h,
+                dP, dA, dC, db, dh0 = triton_adjoint(kern, math, P, rw[0], C, carry, reset, h, grad_h,
                                                             opts.seq_group, bias=b, clip=opts.clip)
             drw = (dA,) if dC is None else (dA, dC)
             dx, dB = project_heads_backward(x, B, dP, needs)
@@ -307,12 +308,12 @@ def _torch_forward(math: CellMath, opts: _Options, P: Tensor, h0: Tensor | None,
     if group is None:
         h, carry = newton(math, P, rp, h0, keep, opts.newton_iters, opts.newton_tol), h0
     else:
-        h, carry = seqpar.newton(math, P, rp, h0, keep, opts.newton_iters, opts.newton_tol, group)
+        h, carry = split_newton(math, P, rp, h0, keep, opts.newton_iters, opts.newton_tol, group)
     if opts.fallback_tol is None and not opts.want_residual:
         return h, None, carry
     chains = chain_residual(math, P, rp, carry, keep, h)  # [B, N]
     if group is not None:
-        chains = seqpar.all_max(chains, group)
+        chains = all_max(chains, group)
     if opts.fallback_tol is not None:
         bad = ~(chains <= opts.fallback_tol)  # NaN is not converged either
         rows = bad.any(-1).nonzero().flatten()  # a host sync on a GPU; this path is not the GPU's hot path
@@ -322,7 +323,7 @@ def _torch_forward(math: CellMath, opts: _Options, P: Tensor, h0: Tensor | None,
                     h[rows] = sequential(math, P[rows], rp, None if h0 is None else h0[rows],
                                          None if keep is None else keep[rows])
             else:
-                carry = seqpar.resolve_rows(math, P, rp, carry, keep, h, rows, group)
+                carry = resolve_rows(math, P, rp, carry, keep, h, rows, group)
             if opts.fallback_count is not None:
                 opts.fallback_count.add_(bad.sum())
     return h, chains.amax() if opts.want_residual else None, carry
@@ -339,7 +340,7 @@ def _torch_backward(ctx, math: CellMath, opts: _Options, x, P, carry, reset, B, 
     Pc, rp, hc, grad_h = P.to(dtype), _clipped(rw, opts.clip, dtype), h.to(dtype), grad_h.to(dtype)
     carry = cast(carry, dtype)
     if opts.seq_group is not None:  # add the adjoint arriving from the later ranks
-        grad_h = seqpar.adjoint_carry(math, Pc, rp, carry, keep, hc, grad_h, opts.seq_group)
+        grad_h = adjoint_carry(math, Pc, rp, carry, keep, hc, grad_h, opts.seq_group)
     dP, drp, dh0 = adjoint(math, Pc, rp, carry, keep, hc, grad_h)
     if opts.clip:  # clamp's gradient: zero where the clamp was active
         drp = tuple(d * (r.abs() <= opts.clip) for d, r in zip(drp, rw))
