@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Sequence parallelism on two GPUs: a ParaGRU layer and a 1B training step with the time axis split.
 
-One command starts two processes (one per GPU, NCCL) and measures, on the Triton path, bf16, batch 1:
+One command starts two processes (one per GPU, NCCL). First a correctness check: ParaGRU and ParaLSTM
+layers (d = 2048) split over the two GPUs against one GPU, fp32, batch 2, T = 16,384, with a document
+starting at the second chunk's first step, one spanning both chunks and an initial state (output and
+every gradient; PASS at ≤ 1e-5 relative). Then, on the Triton path, bf16, batch 1:
 
 * the ParaGRU layer of the 1B model (d = 2048, 4 heads: projection GEMM + Newton solve forward, adjoint +
   GEMMs backward) at T = 65,536: one GPU alone, then the sequence split over the two GPUs (each holds
@@ -40,9 +43,10 @@ import torch.multiprocessing as mp  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SIZES = {  # width, heads, layer T, training-step preset and T, timed repetitions, largest T tried alone
-    "full": dict(width=2048, heads=4, layer_T=65536, preset="paragru_1b", step_T=32768, reps=5, max_T=2 ** 23),
-    "small": dict(width=32, heads=2, layer_T=64, preset="paragru_tiny", step_T=64, reps=2, max_T=256),
+SIZES = {  # width, heads, layer T, training-step preset and T, repetitions, largest T tried alone, check T
+    "full": dict(width=2048, heads=4, layer_T=65536, preset="paragru_1b", step_T=32768, reps=5, max_T=2 ** 23,
+                 check_T=16384),
+    "small": dict(width=32, heads=2, layer_T=64, preset="paragru_tiny", step_T=64, reps=2, max_T=256, check_T=64),
 }
 MEMORY_MARGIN = 0.85  # run the split layer at a longer T only if its predicted peak is below this share
 
@@ -157,6 +161,52 @@ def longest_alone(size: dict, device, reps: int) -> dict:
     return best
 
 
+def check_layer(size: dict, cell_kind: str, device, group) -> dict | None:
+    """The split layer against one device, fp32, batch 2 at ``check_T``: row 0 with a document starting at
+    the second chunk's first step and one inside the first chunk, row 1 one document over both chunks, an
+    initial state. Relative errors of y and every gradient (rank 0's dict; None elsewhere)."""
+    from models.pararnn import ParaGRU, ParaLSTM
+
+    rank, ranks = dist.get_rank(group), dist.get_world_size(group)
+    T, width = size["check_T"], size["width"]
+    n = T // ranks
+    torch.manual_seed(0)
+    cell = (ParaGRU if cell_kind == "gru" else ParaLSTM)(width, width, size["heads"], mode="triton", clip=0.5)
+    cell.to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, T, width, generator=g).to(device)
+    gy = torch.randn(2, T, width, generator=g).to(device)
+    state = (torch.rand(2, cell.state_blocks * width, generator=g) - 0.5).to(device)
+    reset = torch.zeros(2, T, dtype=torch.bool, device=device)
+    reset[0, n] = reset[0, n // 2] = True
+
+    def run(xs, rs, gys, seq_group):
+        cell.zero_grad()
+        cell.seq_group = seq_group
+        xs = xs.detach().requires_grad_()
+        s0 = state.detach().requires_grad_()
+        y = cell(xs, state=s0, reset=rs)
+        y.backward(gys)
+        out = {"y": y.detach(), "dx": xs.grad, "dstate": s0.grad,
+               **{f"d{k}": p.grad for k, p in cell.named_parameters()}}
+        cell.seq_group = None
+        return out
+
+    part = slice(rank * n, (rank + 1) * n)
+    got = run(x[:, part], reset[:, part], gy[:, part], group)
+    for key in ("y", "dx"):
+        parts = [torch.empty_like(got[key]) for _ in range(ranks)]
+        dist.all_gather(parts, got[key].contiguous(), group=group)
+        got[key] = torch.cat(parts, dim=1)
+    for key, value in got.items():
+        if key not in ("y", "dx"):
+            dist.all_reduce(value, group=group)
+    if rank != 0:
+        return None
+    ref = run(x, reset, gy, None)
+    return {k: ((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref}
+
+
 # --------------------------------------------------------------------------------------- training step
 def step_call(size: dict, device, group):
     """One paragru_1b (or tiny) training step closure on this rank's chunk of a T-token row."""
@@ -233,6 +283,9 @@ def worker(rank: int, world: int, port: int, small: bool, out_path: str) -> None
     rows = {}
     log = lambda msg: print(f"[rank {rank}] {msg}", flush=True) if rank == 0 else None  # noqa: E731
 
+    for kind in ("gru", "lstm"):
+        log(f"check: {kind} layer split vs one device, fp32, T={size['check_T']}")
+        rows[f"check_{kind}"] = check_layer(size, kind, device, group)
     T = size["layer_T"]
     if rank == 0:
         log(f"layer, T={T}, one device")
@@ -277,11 +330,11 @@ LABELS = [
 ]
 
 
-def table(rows: dict, preset: str) -> str:
+def table(rows: dict, size: dict) -> str:
     lines = ["| what | T | GPUs | ms | tokens/s | peak GiB per GPU | note |", "|---|---|---|---|---|---|---|"]
     for key, label in LABELS:
         r = rows.get(key)
-        label = label.format(preset=preset)
+        label = label.format(preset=size["preset"])
         if r is None:
             lines.append(f"| {label} | | | | | | not run |")
         elif key == "comm":
@@ -293,6 +346,12 @@ def table(rows: dict, preset: str) -> str:
             peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
             lines.append(f"| {label} | {r['T']:,} | {r['gpus']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {peak} |"
                          f" |")
+    for kind in ("gru", "lstm"):
+        errs = rows.get(f"check_{kind}")
+        if errs:
+            worst = max(errs.values())
+            lines.append(f"| check: {kind} layer split == one device (fp32, T={size['check_T']:,}) | | 2 | | | | "
+                         f"{'PASS' if worst <= 1e-5 else 'FAIL'}: worst relative error {worst:.1e} |")
     return "\n".join(lines)
 
 
@@ -316,7 +375,7 @@ def main() -> None:
     size = SIZES["small" if args.small else "full"]
     env = {"device": torch.cuda.get_device_name(0) if not args.small else "cpu", "torch": torch.__version__,
            "small": args.small, "seconds": round(time.perf_counter() - start, 1), **size}
-    text = table(rows, size["preset"])
+    text = table(rows, size)
     with open(os.path.join(args.out, "bench_seqpar.json"), "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "bench_seqpar.md"), "w") as f:

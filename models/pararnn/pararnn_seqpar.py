@@ -187,12 +187,16 @@ def adjoint_carry(math: CellMath, P: Tensor, rp: tuple, carry: Tensor | None, ke
                   grad_h: Tensor, group) -> Tensor:
     """``grad_h`` with the adjoint arriving from the later ranks added at the chunk's last step."""
     rank, size = rank_size(group)
-    J = math.jacobian(previous(h, carry, keep), P, rp)
-    if keep is not None:
-        J = J * keep.unsqueeze(-1)
-    phi = transfer(J)
-    o = matvec(transpose(phi), grad_h).sum(1)  # J_firstᵀ λ_first with nothing arriving: Σ_t Φ_tᵀ g_t
-    A, o_all = all_gather((phi[:, -1], o), group)
+    Bsz, _, K, N = h.shape
+    if rank == 0:  # nobody before it: its map is never used
+        A, o = h.new_zeros(Bsz, K, K, N), h.new_zeros(Bsz, K, N)
+    else:
+        J = math.jacobian(previous(h, carry, keep), P, rp)
+        if keep is not None:
+            J = J * keep.unsqueeze(-1)
+        phi = transfer(J)
+        A, o = phi[:, -1], matvec(transpose(phi), grad_h).sum(1)  # o: J_firstᵀ λ_first with nothing arriving
+    A, o_all = all_gather((A, o), group)
     if rank == size - 1:
         return grad_h
     grad_h = grad_h.clone()
@@ -215,7 +219,7 @@ def _settle(run, out_of, carry: Tensor | None, fixed: bool, backward: bool, tol:
         err = (outs[1:] - useds[:-1]) if backward else (outs[:-1] - useds[1:])
         err = err.abs().amax(dim=(1, 2, 3))  # [P-1]: boundary q|q+1
         limit = tol * (outs.abs().amax() if relative else 1.0)
-        bad = err > limit
+        bad = err > limit  # NaN (a diverged trajectory) is no carry error: the outputs show it, as on one device
         if not bad.any().item():  # a host sync per round
             return result, carry, err.amax()
         mine = rank if backward else rank - 1  # the boundary whose far side feeds this rank's carry
