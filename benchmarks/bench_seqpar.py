@@ -8,7 +8,7 @@ every gradient; PASS at ≤ 1e-5 relative). Then, on the Triton path, bf16, batc
 
 * the ParaGRU layer of the 1B model (d = 2048, 4 heads: projection GEMM + Newton solve forward, adjoint +
   GEMMs backward) at T = 65,536: one GPU alone, then the sequence split over the two GPUs (each holds
-  32,768 steps): time of a forward + backward (the slower rank's), peak memory per GPU;
+  32,768 steps): time of a forward + backward (the slower rank's, median of 3), peak memory per GPU;
 * the communication alone: every collective the split layer issued in one forward + backward (recorded
   by ``pararnn_seqpar.record_collectives``), replayed with the same sizes and timed;
 * the longest T one GPU fits (T doubled from 65,536 until out of memory), then the split layer at twice
@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SIZES = {  # width, heads, layer T, training-step preset and T, repetitions, largest T tried alone, check T
-    "full": dict(width=2048, heads=4, layer_T=65536, preset="paragru_1b", step_T=32768, reps=5, max_T=2 ** 23,
+    "full": dict(width=2048, heads=4, layer_T=65536, preset="paragru_1b", step_T=32768, reps=3, max_T=2 ** 23,
                  check_T=16384),
     "small": dict(width=32, heads=2, layer_T=64, preset="paragru_tiny", step_T=64, reps=2, max_T=256, check_T=64),
 }
@@ -279,8 +279,9 @@ def worker(rank: int, world: int, port: int, small: bool, out_path: str) -> None
         torch.cuda.set_device(rank)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     torch.set_num_threads(1 if not cuda else torch.get_num_threads())
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(minutes=20), device_id=device if cuda else None)
+    # host-side numbers (timings, decisions) go through gloo, tensors on the GPUs through NCCL
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=timedelta(minutes=20))
     group = setup(world, rank, world).group
     size = SIZES["small" if small else "full"]
     reps = size["reps"]
