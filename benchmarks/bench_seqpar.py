@@ -304,7 +304,7 @@ def worker(rank: int, world: int, port: int, small: bool, out_path: str) -> None
         log("longest T on one device")
         rows["layer_one_longest"] = longest_alone(size, device, reps)
     dist.barrier(group=group)
-    longest = torch.tensor(rows["layer_one_longest"]["T"] if rank == 0 else 0)
+    longest = torch.tensor(rows["layer_one_longest"]["T"] if rank == 0 and rows["layer_one_longest"] else T)
     dist.broadcast(longest, src=0, group=group)
     T2 = 2 * int(longest)
     per_token = (rows["layer_split"]["peak_gib"] or 0.0) / (T / world)
