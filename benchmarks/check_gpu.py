@@ -152,6 +152,7 @@ def check_op_case(dev, cell, B, T, N, heads, dtype, seed=1):
     sequential mode: y and every gradient."""
     from kernels.pararnn import pick_method
     from models.pararnn import para_gru, para_lstm
+    from models.pararnn.pararnn_op import FALLBACK_TOL
 
     op = para_gru if cell == "gru" else para_lstm
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -173,7 +174,9 @@ def check_op_case(dev, cell, B, T, N, heads, dtype, seed=1):
     case = f"{cell} op[{methods}] B{B} T{T} N{N} H{heads} {str(dtype)[6:]} resets clip"
     names = ["y", "dx", "dB", "db", "dA"] + (["dC"] if cell == "lstm" else [])
     for name, got, ref in zip(names, outs["triton"][0], outs["sequential"][0]):
-        record("kernels", case, name, max_rel(got, ref), tol_of(dtype))
+        # Newton's y is only as exact as the residual the op accepts without re-solving (FALLBACK_TOL)
+        tol = max(tol_of(dtype), FALLBACK_TOL) if name == "y" and methods.startswith("newton") else tol_of(dtype)
+        record("kernels", case, name, max_rel(got, ref), tol)
     record_true("kernels", case, "no fallback", int(outs["triton"][1]) == 0)
 
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Two emulated SLURM nodes with one GPU each train exactly as a plain 2-GPU ``torchrun`` (issue 20).
 
-    python benchmarks/check_multinode_gpu.py --out $OUT            # paragru_1b, FSDP2, 10 steps, 2 GPUs
+    python benchmarks/check_multinode_gpu.py --out $OUT            # paragru_1b, FSDP2, 20 steps, 2 GPUs
     python benchmarks/check_multinode_gpu.py --cpu --out /tmp/mn   # CPU smoke: tiny ParaGRU, gloo, 2 x 1 rank
 
 The same ``train.py`` overrides (default: ``model=paragru_1b trainer=fsdp2``, global batch 16 x 1024
-tokens of the embedded corpus, warm-up 2 of 10 steps) run
+tokens of the embedded corpus, the learning rate warming up over all 20 steps: with a 2-step warm-up the
+1B preset's LR of 3e-3 sends the loss from 11.2 to 17.3 at step 2, and 10 steps end where they began) run
 
 1. ``torchrun --standalone --nproc_per_node 2 train.py ...`` (each rank sees both GPUs, uses cuda:RANK);
 2. ``tests/fake_slurm.py sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=1 slurm/train_multinode.sbatch ...``:
@@ -44,7 +45,7 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 def overrides(args, run_dir: str) -> list:
     base = CPU_OVERRIDES if args.cpu else GPU_OVERRIDES
-    return [*base, f"trainer.max_steps={args.steps}", "trainer.warmup_steps=2", "trainer.log_every=1",
+    return [*base, f"trainer.max_steps={args.steps}", f"trainer.warmup_steps={args.steps}", "trainer.log_every=1",
             "trainer.val_every=1000000", "trainer.ckpt_every=1000000", "trainer.val_batches=1", *args.overrides]
 
 
@@ -103,7 +104,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cpu", action="store_true", help="tiny ParaGRU on the CPU (gloo): a smoke run")
     parser.add_argument("--separate-hosts", action="store_true",
                         help="also the emulated run with NCCL_HOSTID per node (NCCL's inter-host transport)")

@@ -426,3 +426,30 @@ def test_recomputed_projection_under_autocast(cell, mode):
         grads.append(torch.autograd.grad((y.float() * w).sum(), [xx] + list(m.parameters())))
     for a, b in zip(*grads):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_head_split_projection_past_int32_offsets(cell, method):
+    """A head-split P of 3.2e9 elements (1 x 2^19+3 steps x 3 gates x 4 heads of 512, as per-head GEMMs
+    lay it out: head stride largest): the last head's states and dP equal those of that head solved
+    alone, whose offsets fit 32 bits. bench_seqpar's longest-T search hit an illegal memory access here.
+    Mutation: chan_offsets' head index left int32 -> illegal memory access (or a wrong last head)."""
+    heads, NH, T = 4, 512, 2 ** 19 + 3
+    g = torch.Generator(device="cuda").manual_seed(0)
+    P_heads = torch.randn(heads, 1, T, 3, NH, device="cuda", dtype=torch.bfloat16, generator=g)
+    A = torch.rand(3, heads * NH, device="cuda", generator=g) - 0.5
+    C = torch.rand(2, heads * NH, device="cuda", generator=g) - 0.5 if cell == "lstm" else None
+    last = slice((heads - 1) * NH, heads * NH)
+    P_last = P_heads[-1].clone()
+    A_last, C_last = A[:, last].contiguous(), (C[:, last].contiguous() if C is not None else None)
+
+    h, _ = solve_forward(cell, P_heads.permute(1, 2, 3, 0, 4), A, C, None, None, method=method)
+    h_last, _ = solve_forward(cell, P_last, A_last, C_last, None, None, method=method)
+    assert rel_err(h[..., last], h_last) <= 1e-2
+    grad = torch.randn(1, T, heads * NH, device="cuda", dtype=torch.bfloat16, generator=g)
+    dP = solve_backward(cell, P_heads.permute(1, 2, 3, 0, 4), A, C, None, None, h, grad, method=method)[0]
+    dP_last = solve_backward(cell, P_last, A_last, C_last, None, None, h_last, grad[..., last].contiguous(),
+                             method=method)[0]
+    assert rel_err(dP[..., -1, :], dP_last) <= 1e-2

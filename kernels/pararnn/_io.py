@@ -18,13 +18,14 @@ import triton.language as tl
 @triton.jit
 def chan_offsets(pid_n, NH, sH, BLOCK_N: tl.constexpr, IN_HEAD: tl.constexpr):
     """Memory offsets ``[BLOCK_N]`` of program ``pid_n``'s channels in a head-split layout."""
+    # int64 heads: the head stride fits int32 (so Triton passes it as one) long before head * stride does
     n0 = pid_n * BLOCK_N
     if IN_HEAD:
         head = n0 // NH
-        return head * sH + (n0 - head * NH) + tl.arange(0, BLOCK_N)
+        return head.to(tl.int64) * sH + (n0 - head * NH) + tl.arange(0, BLOCK_N)
     else:
         offs = n0 + tl.arange(0, BLOCK_N)
-        return (offs // NH) * sH + offs % NH
+        return (offs // NH).to(tl.int64) * sH + offs % NH
 
 
 @triton.jit
