@@ -5,6 +5,8 @@ from transformers import PretrainedConfig
 
 CELLS = ("gru", "lstm")
 MODES = ("auto", "sequential", "parallel", "triton")
+BLOCKS = ("lm", "mixer", "bare")
+POSITION_ENCODINGS = (None, "sinusoidal")
 
 
 class ParaRNNConfig(PretrainedConfig):
@@ -22,6 +24,12 @@ class ParaRNNConfig(PretrainedConfig):
         clip: bound on |a| and |c| (diagonal recurrent weights); None disables it.
         cell_init: ``"paper"`` or ``"reference"`` (see ``ParaRNNCell``).
         vocab_size: padded vocabulary (embeddings are untied).
+        block: what each layer is. ``"lm"``: the RNN block then a SwiGLU MLP block (§5.1, the LMs);
+            ``"mixer"``: the RNN block alone, no MLP (the paper's single-layer synthetic models, App. C.2);
+            ``"bare"``: the cell alone, no norm, conv, gate, MLP or residual, and no final norm (the
+            paper's † synthetic tasks, which test the recurrence itself).
+        position_encoding: ``None`` or ``"sinusoidal"`` (added to the embeddings; the paper adds one
+            for its Keep-nth task, which a recurrence cannot solve without knowing positions).
     """
 
     model_type = "pararnn"
@@ -31,11 +39,15 @@ class ParaRNNConfig(PretrainedConfig):
                  conv_kernel: int = 4, newton_iters: int = 3, mode: str = "auto", clip: float | None = 0.5,
                  cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  bos_token_id: int = 50256, eos_token_id: int = 50256, tie_word_embeddings: bool = False,
-                 **kwargs):
+                 block: str = "lm", position_encoding: str | None = None, **kwargs):
         if cell not in CELLS:
             raise ValueError(f"ParaRNNConfig: cell={cell!r} is not one of {', '.join(CELLS)}")
         if mode not in MODES:
             raise ValueError(f"ParaRNNConfig: mode={mode!r} is not one of {', '.join(MODES)}")
+        if block not in BLOCKS:
+            raise ValueError(f"ParaRNNConfig: block={block!r} is not one of {', '.join(BLOCKS)}")
+        if position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"ParaRNNConfig: position_encoding={position_encoding!r} is not None or 'sinusoidal'")
         if hidden_size % num_heads:
             raise ValueError(f"ParaRNNConfig: hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         if tie_word_embeddings:
@@ -52,6 +64,8 @@ class ParaRNNConfig(PretrainedConfig):
         self.clip = clip
         self.cell_init = cell_init
         self.rms_norm_eps = rms_norm_eps
+        self.block = block
+        self.position_encoding = position_encoding
         self.initializer_range = initializer_range
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
