@@ -2,6 +2,7 @@
 
     python train.py                                   # the default: a tiny ParaGRU on the embedded corpus
     python train.py model=paralstm_tiny trainer.max_steps=50 run_dir=runs/lstm
+    python train.py model=paragru_synth_bare data=synthetic_parity trainer=synthetic   # a synthetic task
     accelerate launch --multi_gpu --num_processes 8 train.py model=paragru_1b data=slimpajama trainer=fsdp2
 
 Everything a run writes goes under ``run_dir``: the resolved config, ``metrics.jsonl``, checkpoints,
@@ -23,12 +24,15 @@ CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_coef: float):
-    """Mean next-token cross-entropy and the z-loss ``z_coef · mean(logsumexp(logits)²)`` (PaLM/DCLM)."""
+    """Mean cross-entropy over the labels that are not -100, and the z-loss ``z_coef · mean(logsumexp(logits)²)``
+    (PaLM/DCLM) over the same positions."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    ce = -logp.gather(-1, labels.unsqueeze(-1)).mean()
+    scored = labels != -100
+    count = scored.sum().clamp_min(1)
+    ce = -(logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * scored).sum() / count
     # logsumexp recovered from any one column: one softmax pass serves both terms.
     lse = logits[..., 0].float() - logp[..., 0]
-    return ce, z_coef * lse.square().mean()
+    return ce, z_coef * (lse.square() * scored).sum() / count
 
 
 def make_accelerator(t: TrainerConfig):
@@ -64,7 +68,14 @@ class Run:
         self.model = to_dataclass(ModelConfig, cfg.model, "model")
         self.trainer = to_dataclass(TrainerConfig, cfg.trainer, "trainer")
         self.wandb = to_dataclass(WandbConfig, cfg.get("wandb"), "wandb")
-        self.data = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True)).validate()
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        self.synthetic = data.get("source") == "synthetic"  # a generated task (data/synthetic.py), not text
+        if self.synthetic:
+            from data.synthetic import SyntheticConfig
+
+            self.data = SyntheticConfig.from_dict(data).validate()
+        else:
+            self.data = DataConfig.from_dict(data).validate()
         self.lr = self.trainer.lr if self.trainer.lr is not None else self.model.lr
         wd = self.trainer.weight_decay
         self.weight_decay = wd if wd is not None else self.model.weight_decay
@@ -79,8 +90,30 @@ def build_model(run: Run, vocab_size: int):
         raise ConfigError(str(err)) from None
 
 
-def validate(accelerator, model, batches, byte_lengths) -> dict:
-    """Validation loss, perplexity and bits per byte over all ranks' shares of the validation rows."""
+def build_data(run: Run, micro_batch: int, rank: int, world_size: int):
+    """``(train stream, validation batches, vocab size, tokenizer, byte lengths)``; a synthetic task has no
+    tokenizer (its vocabulary is the task's, used unpadded) and no byte lengths."""
+    if run.synthetic:
+        from data.synthetic import SyntheticStream, evaluation_batches
+
+        return (SyntheticStream(run.data, micro_batch, rank, world_size),
+                evaluation_batches(run.data, None, rank, world_size), run.data.make_task().vocab_size, None, None)
+    from data import PackedStream, load_tokenizer, token_byte_lengths, validation_batches
+
+    tokenizer = load_tokenizer(run.data.tokenizer)
+    stream = PackedStream(run.data, tokenizer, micro_batch, rank, world_size)
+    val_batches = validation_batches(run.data, tokenizer, micro_batch, rank, world_size)
+    return stream, val_batches, len(tokenizer), tokenizer, token_byte_lengths(tokenizer)
+
+
+def validate(accelerator, model, batches, byte_lengths, prefix: str = "val_", synthetic: bool = False) -> dict:
+    """Validation loss, perplexity and bits per byte over all ranks' shares of the validation rows; for a
+    synthetic task the loss and the exact-match / per-token accuracies (``eval/synthetic.py``)."""
+    if synthetic:
+        from eval.synthetic import evaluate_accuracy
+
+        result = evaluate_accuracy(accelerator.unwrap_model(model), batches, device=accelerator.device)
+        return {f"{prefix}{k}": v for k, v in result.items() if v is not None}
     from eval.perplexity import evaluate_perplexity
 
     result = evaluate_perplexity(model, batches, byte_lengths, device=accelerator.device)
@@ -109,7 +142,6 @@ def train(cfg: DictConfig) -> dict:
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
-    from data import PackedStream, load_tokenizer, token_byte_lengths, validation_batches
     from eval.export import export_hf
     from training.checkpoint import Checkpointer
     from training.distributed import peak_memory, prepare, shard, sharded_state
@@ -127,19 +159,19 @@ def train(cfg: DictConfig) -> dict:
         OmegaConf.save(cfg, os.path.join(run.run_dir, "config.yaml"), resolve=True)
     set_seed(cfg.seed)
 
-    tokenizer = load_tokenizer(run.data.tokenizer)
+    stream, val_batches, vocab_size, tokenizer, byte_lengths = build_data(
+        run, micro_batch, accelerator.process_index, accelerator.num_processes)
+    val_batches = val_batches[: t.val_batches]
+    if run.synthetic:  # the task's vocabulary as it is: padding would add classes that are never targets
+        run.model.config = {**run.model.config, "vocab_size": vocab_size}
     with torch.device(accelerator.device):
-        model = build_model(run, len(tokenizer))
+        model = build_model(run, vocab_size)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
     model = shard(accelerator, model, t)  # FSDP2: fully_shard per block + root; other strategies: as is
     optimizer = build_optimizer(model, run.lr, run.weight_decay, t.betas, t.eps)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-    stream = PackedStream(run.data, tokenizer, micro_batch, accelerator.process_index, accelerator.num_processes)
-    val_batches = validation_batches(run.data, tokenizer, micro_batch, accelerator.process_index,
-                                     accelerator.num_processes)[: t.val_batches]
-    byte_lengths = token_byte_lengths(tokenizer)
 
     model, optimizer = prepare(accelerator, model, optimizer, t, micro_batch)
     state = TrainState()
@@ -207,9 +239,10 @@ def train(cfg: DictConfig) -> dict:
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_start, window_tokens = time.perf_counter(), 0
         if state.step % t.val_every == 0 or state.step == t.max_steps:
-            metrics = validate(accelerator, model, val_batches, byte_lengths)
+            metrics = validate(accelerator, model, val_batches, byte_lengths, synthetic=run.synthetic)
             logger.log({"split": "validation", "step": state.step, "tokens": state.tokens, **metrics})
-            progress.write(f"step {state.step}: val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.2f}")
+            shown = f"exact_acc {metrics['val_exact_acc']:.4f}" if run.synthetic else f"ppl {metrics['val_ppl']:.2f}"
+            progress.write(f"step {state.step}: val_loss {metrics['val_loss']:.4f} {shown}")
         stop = preemption.requested(accelerator.device)  # collective: every rank stops after the same step
         if stop or state.step % t.ckpt_every == 0 or state.step == t.max_steps:
             checkpointer.save(state.step, stream.state_dict())
@@ -221,14 +254,21 @@ def train(cfg: DictConfig) -> dict:
     if tracks_residual:
         raw_model.track_newton_residual(False)
 
-    final = validate(accelerator, model, val_batches, byte_lengths)
+    final = validate(accelerator, model, val_batches, byte_lengths, synthetic=run.synthetic)
+    if run.synthetic:  # length generalisation: the fixed test sets at data.test_lengths
+        from data.synthetic import evaluation_batches
+
+        for length in run.data.test_lengths:
+            batches = evaluation_batches(run.data, length, accelerator.process_index, accelerator.num_processes)
+            final |= validate(accelerator, model, batches, None, prefix=f"test_L{length}_", synthetic=True)
     summary = {"model": run.model.name, "arch": run.model.arch, "params": n_params, "step": state.step,
                "tokens": state.tokens, **final, "run_dir": run.run_dir, "strategy": t.strategy,
                "world_size": accelerator.num_processes}
     hf_dir = os.path.join(run.run_dir, "hf")
-    export_hf(accelerator, model, tokenizer, hf_dir)
+    if tokenizer is not None:  # a synthetic task's model has no tokenizer to ship: no HF export
+        export_hf(accelerator, model, tokenizer, hf_dir)
     if main:
-        summary["hf"] = hf_dir
+        summary["hf"] = hf_dir if tokenizer is not None else None
         summary["tokens_per_s"] = _mean_tokens_per_s(logger.path)
         import json
 
@@ -262,7 +302,11 @@ def main(cfg: DictConfig) -> None:
     except Preempted as err:
         print(err, file=sys.stderr)
         sys.exit(EXIT_REQUEUE)
-    if summary.get("hf"):
+    if "val_exact_acc" in summary:
+        print(f"\nvalidation exact-match accuracy {summary['val_exact_acc']:.4f}  per-token "
+              f"{summary['val_token_acc']:.4f}  ({summary['step']} steps, {summary['params']:,} params)\n"
+              f"outputs: {summary['run_dir']}")
+    elif summary.get("hf"):
         print(f"\nvalidation loss {summary['val_loss']:.4f}  perplexity {summary['val_ppl']:.2f}  "
               f"bits/byte {summary['val_bpb']:.4f}  ({summary['tokens']:,} tokens, {summary['params']:,} params)")
         print(f"outputs: {summary['run_dir']}  (metrics.jsonl, checkpoints/, hf/, summary.json)")
