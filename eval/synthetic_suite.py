@@ -1,0 +1,458 @@
+"""The synthetic expressivity table: every task × every architecture × seeds, next to the paper's numbers.
+
+    python -m eval.synthetic_suite --out reports/synthetic                 # the full table (one H200: minutes)
+    python -m eval.synthetic_suite --out reports/synthetic --quick         # fewer steps, one seed, L = 1000 only
+    python -m eval.synthetic_suite --out /tmp/s --tasks parity --archs paragru --seeds 1 --steps-scale 0.05
+
+Each cell of the table is one ``train.py`` run (``train.train``, called in-process by a pool of worker
+processes: the models are tiny and launch-bound, so several share one GPU) with the paper's recipe
+(``trainer=synthetic``: AdamW (0.9, 0.999), LR 5e-4 cosine, WD 1e-6, batch 16, L = 100) on the single-layer
+d = 64, 4-head presets (``configs/model/*_synth*.yaml``; the bare cells for the † tasks). After training each
+run is evaluated on fixed test sets at L = 100 (validation) and at the longer ``--test-lengths``.
+
+Writes four files to ``--out``: ``runs.jsonl`` (one line per finished run: what resuming reads; finished
+cells are skipped on a re-run), ``table.md`` (the table, the paper's numbers beside ours, length
+generalisation, Newton residuals), ``table.csv`` (one row per task × architecture) and ``table.png`` (a plot).
+The train.py run directories and one log per run go to ``--runs-dir`` (default ``OUT/runs``; a failed run's
+log tail is printed).
+
+Accuracy is exact match (every scored position of a sequence right) unless the column says per-token; the
+paper reports the best of 3 seeds, we report mean ± half-range over seeds and the best.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from training.common import REPO_ROOT, ConfigError
+
+ARCHS = ("transformer", "mamba2", "paragru", "paralstm")
+RECURRENT = ("mamba2", "paragru", "paralstm")  # the archs with a bare variant (the paper adds positions to them)
+ARCH_LABELS = {"transformer": "Transformer", "mamba2": "Mamba2", "paragru": "ParaGRU", "paralstm": "ParaLSTM"}
+RESIDUAL_TOL = 1e-3  # a final Newton residual above this is an unconverged solve (states live in (-1, 1))
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """One column of the table: a data preset, how to train it, and the paper's numbers."""
+
+    key: str
+    label: str
+    data: str                      # configs/data preset
+    steps: int                     # training steps at L = 100 (batch 16)
+    seeds: int                     # default number of seeds
+    bare: bool = False             # † : the bare-cell presets (no conv, norm, gate)
+    paper: dict = field(default_factory=dict)         # arch -> the paper's accuracy, %
+    paper_params: dict = field(default_factory=dict)  # arch -> the paper's parameter count
+    overrides: dict = field(default_factory=dict)     # arch -> extra Hydra overrides
+
+
+# ParaRNN v2, Table 6 (Table 1 gives Mamba2 51% on Parity); the state-tracking row is the camera-ready's as
+# quoted by secondary notes (spec §7.3: unverified), with no Transformer number and no parameter counts.
+TASKS = (
+    SuiteTask("keep_nth", "Keep-nth†", "synthetic_keep_nth", steps=4000, seeds=3, bare=True,
+              paper={"transformer": 100, "mamba2": 1, "paragru": 100, "paralstm": 100},
+              paper_params={"transformer": 48.1e3, "mamba2": 30.1e3, "paragru": 19.8e3, "paralstm": 20.0e3},
+              overrides={a: ("++model.config.position_encoding=sinusoidal",) for a in RECURRENT}),
+    SuiteTask("parity", "Parity†", "synthetic_parity", steps=6000, seeds=3, bare=True,
+              paper={"transformer": 53, "mamba2": 52, "paragru": 100, "paralstm": 100},
+              paper_params={"transformer": 31.8e3, "mamba2": 14.1e3, "paragru": 3.8e3, "paralstm": 4.0e3},
+              overrides={a: ("model.config.clip=null",) for a in ("paragru", "paralstm")}),  # the paper: clipping hurt
+    SuiteTask("mqar", "MQAR", "synthetic_mqar", steps=4000, seeds=1,
+              paper={"transformer": 100, "mamba2": 100, "paragru": 100, "paralstm": 100},
+              paper_params={"transformer": 48.1e3, "mamba2": 38.4e3, "paragru": 32.7e3, "paralstm": 32.8e3}),
+    SuiteTask("hop1", "1-hop", "synthetic_hop1", steps=4000, seeds=1,
+              paper={"transformer": 82, "mamba2": 100, "paragru": 100, "paralstm": 100},
+              paper_params={"transformer": 32.8e3, "mamba2": 23.3e3, "paragru": 17.6e3, "paralstm": 17.7e3}),
+    SuiteTask("hop2", "2-hop", "synthetic_hop2", steps=4000, seeds=1,
+              paper={"transformer": 78, "mamba2": 98, "paragru": 100, "paralstm": 100},
+              paper_params={"transformer": 32.2e3, "mamba2": 22.7e3, "paragru": 17.0e3, "paralstm": 17.1e3}),
+    SuiteTask("cycle_nav", "Cycle-Nav", "synthetic_cycle_nav", steps=4000, seeds=1,
+              paper={"mamba2": 57, "paragru": 90, "paralstm": 95}),
+    SuiteTask("mod_arith", "Mod-Arith", "synthetic_mod_arith", steps=4000, seeds=1,
+              paper={"mamba2": 44, "paragru": 63, "paralstm": 94}),
+    SuiteTask("a5", "A5", "synthetic_a5", steps=4000, seeds=1,
+              paper={"mamba2": 36, "paragru": 40, "paralstm": 38}),
+    SuiteTask("s5", "S5", "synthetic_s5", steps=4000, seeds=1),
+)
+DEFAULT_TASKS = tuple(t.key for t in TASKS if t.key != "s5")
+_BY_KEY = {t.key: t for t in TASKS}
+# Relative cost of a training step, for scheduling the longest runs first (the pool's makespan).
+_COST = {"transformer": 1.0, "mamba2": 1.5, "paragru": 1.0, "paralstm": 1.2}
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    arch: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}__{self.arch}__s{self.seed}"
+
+
+def preset(task: SuiteTask, arch: str) -> str:
+    """The model preset of ``arch`` for ``task``: the bare variant for the † tasks (attention has none)."""
+    return f"{arch}_synth_bare" if task.bare and arch != "transformer" else f"{arch}_synth"
+
+
+def overrides(cell: Cell, opts: dict) -> list[str]:
+    """The Hydra overrides of one run (``opts``: steps_scale, test_lengths, device, runs_dir, mamba2_triton...)."""
+    task = _BY_KEY[cell.task]
+    steps = max(1, round(task.steps * opts["steps_scale"]))
+    out = [f"model={preset(task, cell.arch)}", f"data={task.data}", "trainer=synthetic",
+           f"run_dir={os.path.join(opts['runs_dir'], cell.name)}", f"seed={cell.seed}", f"++data.seed={cell.seed}",
+           f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps}", f"trainer.val_every={max(1, steps // 4)}",
+           f"trainer.log_every={max(1, min(100, steps // 20))}", f"trainer.device={opts['device']}",
+           f"data.test_lengths=[{','.join(map(str, opts['test_lengths']))}]"]
+    if opts.get("seq_len"):
+        out.append(f"data.seq_len={opts['seq_len']}")
+    for key in ("val_samples", "test_samples"):
+        if opts.get(key):
+            out.append(f"++data.{key}={opts[key]}")
+    out += list(task.overrides.get(cell.arch, ()))
+    if cell.arch == "mamba2" and opts.get("mamba2_triton"):
+        out.append("model.config.use_triton=null")
+    return out + list(opts.get("extra", ()))
+
+
+# ------------------------------------------------------------------------------------------------
+# One run (in a worker process)
+# ------------------------------------------------------------------------------------------------
+def _max_from_metrics(path: str, key: str):
+    values = []
+    if os.path.exists(path):
+        with open(path) as f:
+            values = [r[key] for r in map(json.loads, f) if r.get(key) is not None]
+    return max(values) if values else None
+
+
+@contextlib.contextmanager
+def _redirected(path: str):
+    """stdout and stderr of this process (file descriptors too: tqdm, warnings, C code) into ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _tail(path: str, lines: int = 12) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path, errors="replace") as f:
+        text = f.read().replace("\r", "\n")
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+
+def run_cell(cell: Cell, opts: dict) -> dict:
+    """Train and evaluate one cell through ``train.train``; returns its record (``error`` set if it failed)."""
+    from hydra import compose, initialize_config_dir
+
+    import train
+
+    record = {"task": cell.task, "arch": cell.arch, "seed": cell.seed, "name": cell.name}
+    log_path = os.path.join(opts["runs_dir"], f"{cell.name}.log")
+    start = time.perf_counter()
+    with _redirected(log_path):
+        try:
+            with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+                cfg = compose("config", overrides=overrides(cell, opts))
+            summary = train.train(cfg)
+        except Exception as err:  # one failed cell must not stop the table: it is recorded and reported
+            import traceback
+
+            traceback.print_exc()
+            record["error"] = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            return record
+    metrics = os.path.join(summary["run_dir"], "metrics.jsonl")
+    record.update({k: v for k, v in summary.items() if k.startswith(("val_", "test_")) or k in ("params", "step")})
+    record["train_newton_residual_max"] = _max_from_metrics(metrics, "newton_residual")
+    record["newton_fallbacks"] = _max_from_metrics(metrics, "newton_fallbacks")  # cumulative count, if logged
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    return record
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # many workers share the host's cores; the math of these models is on the GPU
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+def load_records(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _stats(values: list) -> dict:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return {"mean": None, "spread": None, "best": None, "n": 0}
+    return {"mean": sum(values) / len(values), "spread": (max(values) - min(values)) / 2, "best": max(values),
+            "n": len(values)}
+
+
+def aggregate(records: list[dict], tasks: list[str], archs: list[str], test_lengths: list[int]) -> list[dict]:
+    """One row per task × architecture: accuracies over seeds (in %), parameters, residuals, the paper's numbers."""
+    rows = []
+    for key in tasks:
+        task = _BY_KEY[key]
+        for arch in archs:
+            runs = [r for r in records if r["task"] == key and r["arch"] == arch and "error" not in r]
+            errors = [r for r in records if r["task"] == key and r["arch"] == arch and "error" in r]
+            row = {"task": key, "arch": arch, "seeds": len(runs), "failed": len(errors),
+                   "params": runs[0]["params"] if runs else None, "paper_params": task.paper_params.get(arch),
+                   "paper_acc": task.paper.get(arch), "steps": runs[0]["step"] if runs else None}
+            for metric, field_ in (("exact", "val_exact_acc"), ("token", "val_token_acc")):
+                s = _stats([100 * r[field_] for r in runs if r.get(field_) is not None])
+                row.update({f"{metric}_mean": s["mean"], f"{metric}_spread": s["spread"], f"{metric}_best": s["best"]})
+            for length in test_lengths:
+                s = _stats([100 * r[f"test_L{length}_exact_acc"] for r in runs if f"test_L{length}_exact_acc" in r])
+                row[f"exact_L{length}_mean"] = s["mean"]
+            residuals = [v for r in runs for k, v in r.items()
+                         if k.endswith("newton_residual") or k == "train_newton_residual_max"]
+            residuals = [v for v in residuals if v is not None]
+            row["newton_residual_max"] = max(residuals) if residuals else None
+            fallbacks = [r["newton_fallbacks"] for r in runs if r.get("newton_fallbacks") is not None]
+            row["newton_fallbacks"] = sum(fallbacks) if fallbacks else None
+            row["seconds"] = sum(r.get("seconds", 0) for r in runs)
+            rows.append(row)
+    return rows
+
+
+def _pct(mean, spread=None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.0f}" if spread is None or spread < 0.5 else f"{mean:.0f} ± {spread:.0f}"
+
+
+def _k(n) -> str:
+    return "–" if n is None else f"{n / 1e3:.1f}k"
+
+
+def write_table(rows: list[dict], tasks: list[str], archs: list[str], test_lengths: list[int], out: str,
+                header: str, seq_len: int = 100) -> str:
+    """``table.md`` and ``table.csv``; returns the markdown."""
+    by = {(r["task"], r["arch"]): r for r in rows}
+    labels = [_BY_KEY[t].label for t in tasks]
+    lines = [header, "",
+             f"Exact-match accuracy (%) at L = {seq_len}, ours (mean ± half-range over seeds) / the paper's "
+             "(best of 3):", "",
+             "| model | " + " | ".join(labels) + " |", "|---|" + "---|" * len(tasks)]
+    for arch in archs:
+        cells = []
+        for t in tasks:
+            r = by[(t, arch)]
+            paper = "–" if r["paper_acc"] is None else f"{r['paper_acc']:.0f}"
+            unconverged = r["newton_residual_max"] is not None and r["newton_residual_max"] > RESIDUAL_TOL
+            cells.append(f"{_pct(r['exact_mean'], r['exact_spread'])}{' ‼' if unconverged else ''} / {paper}")
+        lines.append(f"| {ARCH_LABELS[arch]} | " + " | ".join(cells) + " |")
+    lines += ["", "‼: a Newton solve of this cell ended with residual > "
+              f"{RESIDUAL_TOL:g} (unconverged) in training or evaluation.", "",
+              "Details (per-token accuracy, the best seed, length generalisation: exact match at longer L, "
+              f"trained at L = {seq_len}; parameters ours / paper's):", "",
+              "| task | model | seeds | params | exact | best | per-token | "
+              + " | ".join(f"L={n}" for n in test_lengths) + " | max Newton residual | fallbacks | steps | s |",
+              "|---|---|---|---|---|---|---|" + "---|" * len(test_lengths) + "---|---|---|---|"]
+    for t in tasks:
+        for arch in archs:
+            r = by[(t, arch)]
+            res = "–" if r["newton_residual_max"] is None else f"{r['newton_residual_max']:.1e}"
+            seeds = f"{r['seeds']} ({r['failed']} failed)" if r["failed"] else str(r["seeds"])
+            lines.append(
+                f"| {_BY_KEY[t].label} | {ARCH_LABELS[arch]} | {seeds}"
+                f" | {_k(r['params'])} / {_k(r['paper_params'])} | {_pct(r['exact_mean'], r['exact_spread'])} "
+                f"| {_pct(r['exact_best'])} | {_pct(r['token_mean'], r['token_spread'])} | "
+                + " | ".join(_pct(r[f"exact_L{n}_mean"]) for n in test_lengths)
+                + f" | {res} | {'–' if r['newton_fallbacks'] is None else r['newton_fallbacks']} | {r['steps'] or '–'}"
+                f" | {r['seconds']:.0f} |")
+    markdown = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(out, "table.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return markdown
+
+
+def plot(rows: list[dict], tasks: list[str], archs: list[str], test_lengths: list[int], out: str) -> str | None:
+    """``table.png``: exact match per task (bars, paper's as markers), and by test length per architecture."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    by = {(r["task"], r["arch"]): r for r in rows}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(archs)
+    for i, arch in enumerate(archs):
+        xs = [j + (i - (len(archs) - 1) / 2) * width for j in range(len(tasks))]
+        ours = [by[(t, arch)]["exact_mean"] or 0 for t in tasks]
+        err = [by[(t, arch)]["exact_spread"] or 0 for t in tasks]
+        ax.bar(xs, ours, width, yerr=err, label=ARCH_LABELS[arch], capsize=2)
+        paper = [(x, by[(t, arch)]["paper_acc"]) for x, t in zip(xs, tasks) if by[(t, arch)]["paper_acc"] is not None]
+        ax.scatter([p[0] for p in paper], [p[1] for p in paper], marker="_", s=120, color="black", zorder=3,
+                   label="paper" if i == 0 else None)
+        lengths = [100] + list(test_lengths)
+        means = [sum((by[(t, arch)]["exact_mean"] if n == 100 else by[(t, arch)][f"exact_L{n}_mean"]) or 0
+                     for t in tasks) / len(tasks) for n in lengths]
+        ax2.plot(lengths, means, marker="o", label=ARCH_LABELS[arch])
+    ax.set_xticks(range(len(tasks)), [_BY_KEY[t].label for t in tasks])
+    ax.set_ylabel("exact match (%) at L = 100")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, ncol=5, loc="lower left")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("test length L (trained at 100)")
+    ax2.set_ylabel("exact match (%), mean over tasks")
+    ax2.set_ylim(0, 105)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, "table.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="directory for runs.jsonl and table.md/.csv/.png")
+    p.add_argument("--runs-dir", default=None, help="train.py run directories and logs (default: OUT/runs)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma list of {', '.join(_BY_KEY)}")
+    p.add_argument("--archs", default=",".join(ARCHS), help=f"comma list of {', '.join(ARCHS)}")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: 3 for Parity/Keep-nth, else 1)")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every task's training steps")
+    p.add_argument("--test-lengths", default="200,400,1000", help="comma list of test lengths (trained at L=100)")
+    p.add_argument("--workers", type=int, default=None, help="concurrent runs (default: 12 on CUDA, 1 on CPU)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quick", action="store_true", help="reduced mode: a quarter of the steps, one seed, L=1000 only")
+    p.add_argument("--seq-len", type=int, default=None, help="training length (default: the tasks' 100)")
+    p.add_argument("--val-samples", type=int, default=None, help="validation sequences per run (default 1024)")
+    p.add_argument("--test-samples", type=int, default=None, help="test sequences per length (default 1024)")
+    p.add_argument("--mamba2-triton", action="store_true", help="Mamba2 through its Triton SSD kernels on CUDA "
+                   "(they autotune in every worker); default: the torch SSD path")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.lr=1e-3")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps_scale *= 0.25
+        args.seeds = args.seeds or 1
+        args.test_lengths = "1000"
+    return args
+
+
+def plan(args: argparse.Namespace) -> tuple[list[str], list[str], list[int], list[Cell]]:
+    tasks = [t for t in args.tasks.split(",") if t]
+    archs = [a for a in args.archs.split(",") if a]
+    for t in tasks:
+        if t not in _BY_KEY:
+            raise ConfigError(f"--tasks: {t!r} is not one of {', '.join(_BY_KEY)}")
+    for a in archs:
+        if a not in ARCHS:
+            raise ConfigError(f"--archs: {a!r} is not one of {', '.join(ARCHS)}")
+    try:
+        lengths = [int(n) for n in args.test_lengths.split(",") if n]
+    except ValueError:
+        raise ConfigError(f"--test-lengths: not a comma list of integers: {args.test_lengths!r}") from None
+    cells = [Cell(t, a, s) for t in tasks for a in archs
+             for s in range(args.seeds if args.seeds is not None else _BY_KEY[t].seeds)]
+    cells.sort(key=lambda c: -_BY_KEY[c.task].steps * _COST[c.arch])  # longest first: a shorter makespan
+    return tasks, archs, lengths, cells
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        tasks, archs, lengths, cells = plan(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import torch
+
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    out = os.path.abspath(args.out)
+    runs_dir = os.path.abspath(args.runs_dir or os.path.join(out, "runs"))
+    os.makedirs(runs_dir, exist_ok=True)
+    opts = {"out": out, "runs_dir": runs_dir,
+            "steps_scale": args.steps_scale, "test_lengths": lengths, "device": args.device,
+            "seq_len": args.seq_len, "val_samples": args.val_samples, "test_samples": args.test_samples,
+            "mamba2_triton": args.mamba2_triton, "extra": tuple(args.overrides)}
+    results = os.path.join(out, "runs.jsonl")
+    done = {r["name"] for r in load_records(results) if "error" not in r}
+    todo = [c for c in cells if c.name not in done]
+    workers = max(1, min(args.workers or (12 if cuda else 1), len(todo) or 1))
+    print(f"synthetic suite: {len(cells)} runs ({len(cells) - len(todo)} already done), {len(tasks)} tasks x "
+          f"{len(archs)} architectures, {workers} worker(s) on {'cuda' if cuda else 'cpu'}; logs in {runs_dir}",
+          flush=True)
+    start = time.perf_counter()
+    if todo:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # Fresh (spawned) processes: CUDA cannot be forked. A worker that dies (a CUDA fault) breaks the pool:
+        # its run and the ones still queued are then recorded as failed instead of hanging the table.
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+        futures = {pool.submit(run_cell, c, opts): c for c in todo}
+        with pool, open(results, "a") as sink:
+            for i, future in enumerate(as_completed(futures), 1):
+                try:
+                    record = future.result()
+                except Exception as err:  # BrokenProcessPool and the like: the cell did not run to the end
+                    c = futures[future]
+                    record = {"task": c.task, "arch": c.arch, "seed": c.seed, "name": c.name,
+                              "error": f"worker died: {type(err).__name__}: {err}"[:300]}
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                if "error" in record:
+                    status = f"FAILED ({record['error']})\n" + _tail(os.path.join(runs_dir, f"{record['name']}.log"))
+                else:
+                    tests = " ".join(f"L{n} {100 * record[f'test_L{n}_exact_acc']:.0f}%" for n in lengths
+                                     if f"test_L{n}_exact_acc" in record)
+                    status = (f"exact {100 * record['val_exact_acc']:.1f}% token {100 * record['val_token_acc']:.1f}%"
+                              f" {tests} ({record['seconds']:.0f} s)")
+                print(f"[{i}/{len(todo)} {time.perf_counter() - start:5.0f} s] {record['task']} x {record['arch']} "
+                      f"seed {record['seed']}: {status}", flush=True)
+    records = [r for r in load_records(results) if r["task"] in tasks and r["arch"] in archs]
+    latest = {r["name"]: r for r in records}  # a re-run of a failed cell replaces it
+    rows = aggregate(list(latest.values()), tasks, archs, lengths)
+    header = (f"# Synthetic expressivity suite\n\nSingle layer, d = 64, 4 heads, trained at L = "
+              f"{args.seq_len or 100} with batch 16, AdamW (0.9, 0.999), LR 5e-4 cosine, WD 1e-6 "
+              f"(steps: the table's column; `--steps-scale {args.steps_scale:g}`). Paper: ParaRNN v2 Tables 1/6; "
+              f"Cycle-Nav / Mod-Arith / A5: its camera-ready as quoted by secondary notes (unverified).")
+    print("\n" + write_table(rows, tasks, archs, lengths, out, header, args.seq_len or 100))
+    figure = plot(rows, tasks, archs, lengths, out)
+    failed = [r["name"] for r in latest.values() if "error" in r]
+    print(f"wrote {out}/table.md, table.csv{', table.png' if figure else ''}, runs.jsonl "
+          f"({time.perf_counter() - start:.0f} s)" + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
