@@ -411,5 +411,8 @@ def test_suite_table_aggregates_seeds_and_shows_the_paper(tmp_path):
     _, _, _, cells = suite.plan(args)
     assert [c.name for c in cells] == ["parity__paragru__s0", "parity__paragru__s1", "parity__paragru__s2",
                                        "mqar__paragru__s0"]
+    suite.write_record(cells[0], str(tmp_path), records[0])
+    suite.write_record(cells[1], str(tmp_path), {**records[1], "error": "boom"})
+    assert suite.pending(cells, str(tmp_path)) == cells[1:]  # finished: skipped; failed: retried
     with pytest.raises(ConfigError, match="--tasks"):
         suite.plan(suite.parse_args(["--out", str(tmp_path), "--tasks", "nope"]))
