@@ -72,7 +72,7 @@ TASKS = (
               paper={"transformer": 53, "mamba2": 52, "paragru": 100, "paralstm": 100},
               paper_params={"transformer": 31.8e3, "mamba2": 14.1e3, "paragru": 3.8e3, "paralstm": 4.0e3},
               overrides={a: ("model.config.clip=null",) for a in ("paragru", "paralstm")}),  # the paper: clipping hurt
-    SuiteTask("mqar", "MQAR", "synthetic_mqar", steps=4000, seeds=1,
+    SuiteTask("mqar", "MQAR", "synthetic_mqar", steps=8000, seeds=1,  # κ = 2 scored positions per row: slow
               paper={"transformer": 100, "mamba2": 100, "paragru": 100, "paralstm": 100},
               paper_params={"transformer": 48.1e3, "mamba2": 38.4e3, "paragru": 32.7e3, "paralstm": 32.8e3}),
     SuiteTask("hop1", "1-hop", "synthetic_hop1", steps=4000, seeds=1,
@@ -173,6 +173,16 @@ def _tail(path: str, lines: int = 12) -> str:
 
 def record_path(cell: Cell, runs_dir: str) -> str:
     return os.path.join(runs_dir, cell.name, "record.json")
+
+
+def _status(record: dict, runs_dir: str, lengths: list[int]) -> str:
+    """One line on a finished run (a failed one: the error and its log's tail)."""
+    if "error" in record:
+        return f"FAILED ({record['error']})\n" + _tail(os.path.join(runs_dir, f"{record['name']}.log"))
+    tests = " ".join(f"L{n} {100 * record[f'test_L{n}_exact_acc']:.0f}%" for n in lengths
+                     if f"test_L{n}_exact_acc" in record)
+    return (f"exact {100 * record['val_exact_acc']:.1f}% token {100 * record['val_token_acc']:.1f}% {tests} "
+            f"({record['seconds']:.0f} s)")
 
 
 def run_cell(cell: Cell, opts: dict) -> dict:
@@ -390,6 +400,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(give it far more steps: --steps-scale)")
     p.add_argument("--test-lengths", default="200,400,1000", help="comma list of test lengths (trained at L=100)")
     p.add_argument("--workers", type=int, default=None, help="concurrent runs (default: 12 on CUDA, 1 on CPU)")
+    p.add_argument("--deadline", type=float, default=None, help="seconds after which no further run is started "
+                   "(the ones under way finish; the table shows what is done; repeat the command to go on)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="reduced mode: a quarter of the steps, one seed, L=1000 only")
     p.add_argument("--seq-len", type=int, default=None, help="training length (default: the tasks' 100)")
@@ -453,30 +465,39 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     if todo:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-        # Fresh (spawned) processes: CUDA cannot be forked. A worker that dies (a CUDA fault) breaks the pool:
-        # its run and the ones still queued are then recorded as failed instead of hanging the table.
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
-        futures = {pool.submit(run_cell, c, opts): c for c in todo}
-        with pool:
-            for i, future in enumerate(as_completed(futures), 1):
-                try:
-                    record = future.result()
-                except Exception as err:  # BrokenProcessPool and the like: the cell did not run to the end
-                    c = futures[future]
-                    record = {"task": c.task, "arch": c.arch, "seed": c.seed, "name": c.name,
-                              "error": f"worker died: {type(err).__name__}: {err}"[:300]}
-                    write_record(c, runs_dir, record)
-                if "error" in record:
-                    status = f"FAILED ({record['error']})\n" + _tail(os.path.join(runs_dir, f"{record['name']}.log"))
-                else:
-                    tests = " ".join(f"L{n} {100 * record[f'test_L{n}_exact_acc']:.0f}%" for n in lengths
-                                     if f"test_L{n}_exact_acc" in record)
-                    status = (f"exact {100 * record['val_exact_acc']:.1f}% token {100 * record['val_token_acc']:.1f}%"
-                              f" {tests} ({record['seconds']:.0f} s)")
-                print(f"[{i}/{len(todo)} {time.perf_counter() - start:5.0f} s] {record['task']} x {record['arch']} "
-                      f"seed {record['seed']}: {status}", flush=True)
+        # Fresh (spawned) processes: CUDA cannot be forked. At most `workers` runs are handed out at a time, so
+        # the deadline stops the rest. A worker that dies (a CUDA fault) breaks the pool: its run and the ones
+        # under way are then recorded as failed instead of hanging the table.
+        queue, running, finished = list(todo), {}, 0
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+            while queue or running:
+                late = args.deadline is not None and time.perf_counter() - start > args.deadline
+                if late and queue:
+                    print(f"deadline: {len(queue)} run(s) not started; repeat the command to run them", flush=True)
+                    queue = []
+                while queue and len(running) < workers:
+                    cell = queue.pop(0)
+                    running[pool.submit(run_cell, cell, opts)] = cell
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    cell = running.pop(future)
+                    finished += 1
+                    try:
+                        record = future.result()
+                    except Exception as err:  # BrokenProcessPool: the pool takes no more work
+                        record = {"task": cell.task, "arch": cell.arch, "seed": cell.seed, "name": cell.name,
+                                  "error": f"worker died: {type(err).__name__}: {err}"[:300]}
+                        write_record(cell, runs_dir, record)
+                        if queue:
+                            print(f"the worker pool broke: {len(queue)} run(s) not started; repeat the command",
+                                  flush=True)
+                            queue = []
+                    print(f"[{finished}/{len(todo)} {time.perf_counter() - start:5.0f} s] {cell.task} x {cell.arch} "
+                          f"seed {cell.seed}: {_status(record, runs_dir, lengths)}", flush=True)
     records = load_records(cells, runs_dir)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "runs.jsonl"), "w") as f:
