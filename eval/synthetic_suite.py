@@ -313,7 +313,9 @@ def write_table(rows: list[dict], tasks: list[str], archs: list[str], test_lengt
             cells.append(f"{_pct(r['exact_mean'], r['exact_spread'])}{' ‼' if unconverged else ''} / {paper}")
         lines.append(f"| {ARCH_LABELS[arch]} | " + " | ".join(cells) + " |")
     lines += ["", "‼: a Newton solve of this cell ended with residual > "
-              f"{RESIDUAL_TOL:g} (unconverged) in training or evaluation.", "",
+              f"{RESIDUAL_TOL:g} (unconverged) in training or evaluation. Exact match needs every scored position "
+              "of a sequence right; the paper scores one output per sequence on Keep-nth and Parity (chance 1% and "
+              "50% there, about 0 here: compare the per-token column below).", "",
               "Details (per-token accuracy, the best seed, length generalisation: exact match at longer L, "
               f"trained at L = {seq_len}; parameters ours / paper's):", "",
               "| task | model | seeds | params | exact | best | per-token | "
