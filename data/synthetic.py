@@ -1,7 +1,8 @@
 """Synthetic expressivity tasks, generated on the fly from a seed, and their data source for ``train.py``.
 
-Select one with ``python train.py data=synthetic_<task>``: the data config has ``source: synthetic``, the
-task's name and arguments, and no tokenizer (the vocabulary is the task's). Every example is a pair of
+Select one with ``python train.py data=synthetic_<task>``: the data config (``SyntheticConfig`` in
+training/config.py) has ``source: synthetic``, the task's name and arguments, and no tokenizer (the
+vocabulary is the task's); train.py's ``build_data`` turns it into the run's data source. Every example is a pair of
 ``[L]`` rows: the input tokens and a target per position, ``IGNORE_INDEX`` (-100) where nothing is scored.
 Unlike the text pipeline, ``labels[t]`` is the target *at* position t (read after ``input_ids[: t + 1]``),
 not the next input token.
@@ -18,10 +19,13 @@ Tasks (the docstring of each class gives its exact definition and source):
 ``word_problem`` running product in A5 or S5 (Merrill, Petty & Sabharwal 2024; ParaRNN camera-ready)
 =============== ==========================================================================================
 
-The paper scores one output per sequence for Keep-nth, Parity, Cycle-Nav and Mod-Arith; by default we
-score every position where the answer is defined (``score: all``), which gives the models a dense
-training signal and makes exact match (all scored positions right) a strictly harder test.
-``score: last`` keeps only the last scored position of each row, the paper's reading.
+The paper scores one output per sequence for Keep-nth, Parity, Cycle-Nav and Mod-Arith: the answer for
+the whole sequence, at its last position. By default every position where the answer is defined carries a
+target (``score: all``): a dense training signal (with the last position's target alone, a bare ParaGRU
+does not learn Parity at L = 32 in 1,000 steps). Evaluation reports both readings (``eval/synthetic.py``):
+the last position's accuracy (``last_acc``, the paper's) and exact match over every scored position
+(``exact_acc``, the running variant: a strictly harder test). ``score: last`` keeps only the last scored
+position of each row, in training too.
 
 Seeds: training batch ``i`` of rank ``r`` is drawn from a generator seeded by ``(seed, "train", r, chunk)``;
 the validation and test sets from ``(eval_seed, "validation")`` and ``(eval_seed, "test", L)``. So the
@@ -30,17 +34,17 @@ independent of the training seed.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from training.common import ConfigError
+from training.config import Config, SyntheticConfig
 
 IGNORE_INDEX = -100
 STATE_VERSION = 1
@@ -67,9 +71,11 @@ def _randint(gen: torch.Generator, high: int, shape: tuple) -> Tensor:
 # Tasks
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Task:
-    """A family of sequences with a target per position. Subclasses are dataclasses of the task's arguments."""
+class Task(Config):
+    """A family of sequences with a target per position. Subclasses are dataclasses of the task's arguments,
+    built and checked by the config mechanism (``data.task_args``: unknown keys, types, then ``check``)."""
 
+    KEY: ClassVar[str] = "data.task_args"
     name: ClassVar[str]
 
     @property
@@ -94,9 +100,6 @@ class Task:
         """The targets of input rows ``x`` (every task but MQAR is a function of its inputs)."""
         raise NotImplementedError
 
-    def check(self) -> None:
-        """Impossible arguments raise ``ConfigError`` naming the key."""
-
 
 @dataclass(frozen=True)
 class KeepNth(Task):
@@ -119,8 +122,11 @@ class KeepNth(Task):
         return self.n
 
     def check(self) -> None:
-        if self.vocab < 2 or self.n < 1:
-            raise ConfigError(f"data.task_args: keep_nth needs vocab >= 2 and n >= 1, got {self.vocab}, {self.n}")
+        super().check()
+        if self.vocab < 2:
+            self.fail("vocab", "must be >= 2")
+        if self.n < 1:
+            self.fail("n", "must be >= 1")
 
     def inputs(self, gen, batch, length):
         return _randint(gen, self.vocab, (batch, length))
@@ -179,10 +185,11 @@ class MQAR(Task):
         return 4 * self.num_kv_pairs  # Zoology's constraint: the query region holds every key
 
     def check(self) -> None:
-        if self.num_kv_pairs < 1 or self.num_kv_pairs > self.vocab // 2 - 1:
-            raise ConfigError(f"data.task_args.num_kv_pairs must be in [1, vocab/2 - 1], got {self.num_kv_pairs}")
+        super().check()
+        if not 1 <= self.num_kv_pairs <= self.vocab // 2 - 1:
+            self.fail("num_kv_pairs", f"must be in [1, vocab/2 - 1] = [1, {self.vocab // 2 - 1}]")
         if not 0 < self.power_a <= 1:
-            raise ConfigError(f"data.task_args.power_a must be in (0, 1], got {self.power_a}")
+            self.fail("power_a", "must be in (0, 1]")
 
     def sample(self, gen, batch, length):
         kappa, half = self.num_kv_pairs, self.vocab // 2
@@ -221,8 +228,11 @@ class KHop(Task):
         return self.vocab + 1
 
     def check(self) -> None:
-        if self.vocab < 2 or self.hops < 1:
-            raise ConfigError(f"data.task_args: khop needs vocab >= 2 and hops >= 1, got {self.vocab}, {self.hops}")
+        super().check()
+        if self.vocab < 2:
+            self.fail("vocab", "must be >= 2")
+        if self.hops < 1:
+            self.fail("hops", "must be >= 1")
 
     def inputs(self, gen, batch, length):
         return _randint(gen, self.vocab, (batch, length))
@@ -260,8 +270,9 @@ class CycleNav(Task):
         return max(3, self.cycle)
 
     def check(self) -> None:
+        super().check()
         if self.cycle < 2:
-            raise ConfigError(f"data.task_args.cycle must be >= 2, got {self.cycle}")
+            self.fail("cycle", "must be >= 2")
 
     def inputs(self, gen, batch, length):
         return _randint(gen, 3, (batch, length))
@@ -290,8 +301,9 @@ class ModArith(Task):
         return self.modulus + 3
 
     def check(self) -> None:
+        super().check()
         if self.modulus < 2:
-            raise ConfigError(f"data.task_args.modulus must be >= 2, got {self.modulus}")
+            self.fail("modulus", "must be >= 2")
 
     def inputs(self, gen, batch, length):
         x = torch.empty(batch, length, dtype=torch.long)
@@ -339,10 +351,6 @@ class WordProblem(Task):
     def vocab_size(self) -> int:
         return 60 if self.group == "a5" else 120
 
-    def check(self) -> None:
-        if self.group not in ("a5", "s5"):
-            raise ConfigError(f"data.task_args.group must be a5 or s5, got {self.group!r}")
-
     def table(self) -> Tensor:
         """``table[a, b]`` = id of (element a, then element b), flattened to ``[order²]``."""
         perms = _permutations(self.group)
@@ -366,18 +374,10 @@ TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (KeepNth, Parity, MQAR,
 
 
 def make_task(name: str, args: Mapping[str, Any] | None = None) -> Task:
-    """The task ``name`` with its arguments; unknown names or keys raise ``ConfigError`` naming them."""
+    """The task ``name`` with its arguments; unknown names, keys or values raise ``ConfigError`` naming them."""
     if name not in TASKS:
         raise ConfigError(f"data.task={name!r} is not one of {', '.join(TASKS)}")
-    cls = TASKS[name]
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in args or {}:
-        if key not in known:
-            raise ConfigError(f"data.task_args.{key}: not an argument of task {name!r} "
-                              f"(known: {', '.join(sorted(known)) or 'none'})")
-    task = cls(**dict(args or {}))
-    task.check()
-    return task
+    return TASKS[name].from_dict(args)
 
 
 def only_last(targets: Tensor) -> Tensor:
@@ -385,55 +385,6 @@ def only_last(targets: Tensor) -> Tensor:
     scored = targets != IGNORE_INDEX
     from_end = scored.flip(1).cumsum(1).flip(1)  # scored positions at or after each position
     return torch.where(scored & (from_end == 1), targets, IGNORE_INDEX)
-
-
-# ------------------------------------------------------------------------------------------------
-# Config
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class SyntheticConfig:
-    """A synthetic task as ``train.py``'s data source (``configs/data/synthetic_*.yaml``)."""
-
-    source: Literal["synthetic"] = "synthetic"  # selects this source in train.py (text data has no source key)
-    name: str = "synthetic_parity"              # the preset's name, stored with the stream's state
-    task: str = "parity"                        # one of TASKS
-    task_args: dict[str, Any] = field(default_factory=dict)  # the task's arguments (its dataclass fields)
-    seq_len: int = 100                          # L of training and validation sequences
-    score: Literal["all", "last"] = "all"       # score every defined position, or only the last one
-    seed: int = 0                               # training stream; evaluation sets use eval_seed
-    eval_seed: int = 1234                       # validation and test sets (the same for every run)
-    val_samples: int = 1024                     # validation sequences (length seq_len)
-    test_lengths: list[int] = field(default_factory=list)  # extra lengths evaluated at the end of training
-    test_samples: int = 1024                    # sequences per test length
-    eval_batch_size: int = 128                  # sequences per validation/test forward pass
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> SyntheticConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"data.{key}: unknown key for a synthetic task (known: {', '.join(sorted(known))})")
-        return cls(**{k: (list(v) if k == "test_lengths" else v) for k, v in values.items()})
-
-    def validate(self) -> SyntheticConfig:
-        """Check everything before any work; returns self."""
-        if self.source != "synthetic":
-            raise ConfigError(f"data.source must be 'synthetic', got {self.source!r}")
-        if self.score not in ("all", "last"):
-            raise ConfigError(f"data.score must be 'all' or 'last', got {self.score!r}")
-        task = self.make_task()
-        for key in ("seq_len", "val_samples", "test_samples", "eval_batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")
-        for key, length in [("seq_len", self.seq_len)] + [("test_lengths", n) for n in self.test_lengths]:
-            if not isinstance(length, int) or length < task.min_length():
-                raise ConfigError(f"data.{key}: length {length!r} is shorter than task {self.task!r} needs "
-                                  f"({task.min_length()})")
-        return self
-
-    def make_task(self) -> Task:
-        return make_task(self.task, self.task_args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,7 +402,7 @@ class SyntheticStream:
     """Endless training batches ``[batch_size, seq_len]`` for one rank; ``state_dict()`` is a batch counter."""
 
     def __init__(self, cfg: SyntheticConfig, batch_size: int, rank: int = 0, world_size: int = 1):
-        self.cfg, self.task = cfg, cfg.make_task()
+        self.cfg, self.task = cfg, make_task(cfg.task, cfg.task_args)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.batches = 0  # batches handed out
         self._chunk: tuple[int, Batch] | None = None
@@ -485,7 +436,7 @@ def evaluation_batches(cfg: SyntheticConfig, length: int | None = None, rank: in
                        world_size: int = 1) -> list[Batch]:
     """The fixed validation set (``length=None``: ``val_samples`` rows of ``seq_len``) or the test set of
     ``length`` (``test_samples`` rows), in batches of ``eval_batch_size``; rows dealt round-robin to ranks."""
-    task = cfg.make_task()
+    task = make_task(cfg.task, cfg.task_args)
     if length is None:
         gen, samples, length = _generator(cfg.eval_seed, "validation"), cfg.val_samples, cfg.seq_len
     else:

@@ -3,14 +3,17 @@ import math
 
 from transformers import PretrainedConfig
 
+from .pararnn_op import FALLBACK_TOL
+
 CELLS = ("gru", "lstm")
 MODES = ("auto", "sequential", "parallel", "triton")
 BLOCKS = ("lm", "mixer", "bare")
 POSITION_ENCODINGS = (None, "sinusoidal")
+DECODE_GRAPHS = ("compiled", "graph", "off")
 
 
 class ParaRNNConfig(PretrainedConfig):
-    """A DCLM-style decoder whose attention is replaced by a ParaGRU or ParaLSTM block (spec §5.1).
+    """A DCLM-style decoder whose attention is replaced by a ParaGRU or ParaLSTM block (the paper's §5.2, App. C.1).
 
     Args:
         cell: ``"gru"`` (ParaGRU) or ``"lstm"`` (ParaLSTM).
@@ -22,6 +25,8 @@ class ParaRNNConfig(PretrainedConfig):
         newton_iters: Newton iterations of the parallel cell application.
         mode: ``"auto"`` (Triton on CUDA, else the torch parallel mode), or a cell mode.
         clip: bound on |a| and |c| (diagonal recurrent weights); None disables it.
+        fallback_tol: Newton residual above which a chain is solved again exactly (counted per cell as
+            ``newton_fallbacks``); None disables the check.
         cell_init: ``"paper"`` or ``"reference"`` (see ``ParaRNNCell``).
         vocab_size: padded vocabulary (embeddings are untied).
         block: what each layer is. ``"lm"``: the RNN block then a SwiGLU MLP block (§5.1, the LMs);
@@ -30,6 +35,11 @@ class ParaRNNConfig(PretrainedConfig):
             paper's † synthetic tasks, which test the recurrence itself).
         position_encoding: ``None`` or ``"sinusoidal"`` (added to the embeddings; the paper adds one
             for its Keep-nth task, which a recurrence cannot solve without knowing positions).
+        decode_graph: how ``generate()`` decodes on CUDA after the prefill (see ``decoding.py``):
+            ``"compiled"`` replays one CUDA graph per batch size of the whole one-token step with each
+            layer's step fused by ``torch.compile`` (compiled on first use); ``"graph"`` replays a graph of
+            the pure-torch step's own kernels (the same tokens and logits as ``"off"``, bit for bit);
+            ``"off"`` runs the pure-torch step (launch-bound). Off the GPU the pure-torch step is used.
     """
 
     model_type = "pararnn"
@@ -37,9 +47,10 @@ class ParaRNNConfig(PretrainedConfig):
     def __init__(self, cell: str = "gru", vocab_size: int = 50304, hidden_size: int = 1024,
                  num_hidden_layers: int = 24, num_heads: int = 4, intermediate_size: int | None = None,
                  conv_kernel: int = 4, newton_iters: int = 3, mode: str = "auto", clip: float | None = 0.5,
+                 fallback_tol: float | None = FALLBACK_TOL,
                  cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  bos_token_id: int = 50256, eos_token_id: int = 50256, tie_word_embeddings: bool = False,
-                 block: str = "lm", position_encoding: str | None = None, **kwargs):
+                 block: str = "lm", position_encoding: str | None = None, decode_graph: str = "compiled", **kwargs):
         if cell not in CELLS:
             raise ValueError(f"ParaRNNConfig: cell={cell!r} is not one of {', '.join(CELLS)}")
         if mode not in MODES:
@@ -48,6 +59,8 @@ class ParaRNNConfig(PretrainedConfig):
             raise ValueError(f"ParaRNNConfig: block={block!r} is not one of {', '.join(BLOCKS)}")
         if position_encoding not in POSITION_ENCODINGS:
             raise ValueError(f"ParaRNNConfig: position_encoding={position_encoding!r} is not None or 'sinusoidal'")
+        if decode_graph not in DECODE_GRAPHS:
+            raise ValueError(f"ParaRNNConfig: decode_graph={decode_graph!r} is not one of {', '.join(DECODE_GRAPHS)}")
         if hidden_size % num_heads:
             raise ValueError(f"ParaRNNConfig: hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         if tie_word_embeddings:
@@ -62,10 +75,12 @@ class ParaRNNConfig(PretrainedConfig):
         self.newton_iters = newton_iters
         self.mode = mode
         self.clip = clip
+        self.fallback_tol = fallback_tol
         self.cell_init = cell_init
         self.rms_norm_eps = rms_norm_eps
         self.block = block
         self.position_encoding = position_encoding
         self.initializer_range = initializer_range
+        self.decode_graph = decode_graph
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -1,6 +1,6 @@
 """The ParaRNN language model as a transformers ``PreTrainedModel`` (shipped with exported checkpoints).
 
-Each layer is an RNN block followed by an MLP block (spec §5.1)::
+Each layer is an RNN block followed by an MLP block (the paper's §5.2 and App. C.1)::
 
     u = RMSNorm(x);  [v, g] = W_in u;  v = SiLU(causal depthwise conv(v));  v = cell(v)
     x = s·x + W_out (RMSNorm(v) ⊙ SiLU(g))              # s: a learnable residual scale
@@ -15,6 +15,7 @@ cell -> head), the single-layer models of the paper's synthetic tasks (App. C.2)
 Generation keeps a recurrent cache (:class:`ParaRNNCache`, passed as ``cache_params`` like Mamba's): per layer
 the conv's last ``kernel - 1`` inputs and the cell state. The prompt goes through the parallel forward once
 (prefill); every later token costs O(1) (conv step + ``cell.step``), so ``generate()`` is linear in its length.
+On CUDA each such step is one replay of a captured CUDA graph (``decoding.py``).
 """
 import math
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_pararnn import ParaRNNConfig
+from .decoding import graph_decode
 from .pararnn_cells import ParaGRU, ParaLSTM, ParaRNNCell
 
 
@@ -49,7 +51,7 @@ def make_cell(config: ParaRNNConfig) -> ParaRNNCell:
     cell_cls = ParaGRU if config.cell == "gru" else ParaLSTM
     d = config.hidden_size
     return cell_cls(d, d, config.num_heads, mode=resolve_mode(config.mode), newton_iters=config.newton_iters,
-                    clip=config.clip, init=config.cell_init)
+                    clip=config.clip, init=config.cell_init, fallback_tol=config.fallback_tol)
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -106,31 +108,35 @@ class RNNBlock(nn.Module):
     def forward(self, x: Tensor, positions: Tensor | None, reset: Tensor | None,
                 cache: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
         v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
-        if cache is not None and cache.has_previous_state:
-            # Decode: token by token from the cached window and state, O(1) per token.
-            window, state = cache.conv_states[layer_idx], cache.cell_states[layer_idx]
-            ys = []
-            for t in range(v.shape[1]):
-                u, window = self.conv.step(v[:, t], window)
-                y, state = self.cell.step(F.silu(u), state)
-                ys.append(y)
-            cache.conv_states[layer_idx], cache.cell_states[layer_idx] = window, state
-            v = torch.stack(ys, dim=1)
+        conv_in = v
+        v = F.silu(self.conv(v, positions))
+        if cache is not None:
+            # Prefill: the parallel forward, keeping the final state and the conv's window.
+            v, state = self.cell(v, reset=reset, return_state=True)
+            cache.conv_states[layer_idx] = self.conv.tail(conv_in, positions)
+            cache.cell_states[layer_idx] = state.clone()  # a view would keep the whole trajectory alive
         else:
-            conv_in = v
-            v = F.silu(self.conv(v, positions))
-            if cache is not None:
-                # Prefill: the parallel forward, keeping the final state and the conv's window.
-                v, state = self.cell(v, reset=reset, return_state=True)
-                cache.conv_states[layer_idx] = self.conv.tail(conv_in, positions)
-                cache.cell_states[layer_idx] = state
-            else:
-                v = self.cell(v, reset=reset)
+            v = self.cell(v, reset=reset)
+        return self._output(x, v, g)
+
+    def decode(self, x: Tensor, window: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Token by token from the conv window and the cell state, O(1) per token (what the CUDA graph of
+        ``decoding.py`` captures): ``x [B, T, d]`` -> ``(output, new window, new state)``."""
+        v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
+        ys = []
+        for t in range(v.shape[1]):
+            u, window = self.conv.step(v[:, t], window)
+            y, state = self.cell.step(F.silu(u), state)
+            ys.append(y)
+        return self._output(x, torch.stack(ys, dim=1), g), window, state
+
+    def _output(self, x: Tensor, v: Tensor, g: Tensor) -> Tensor:
         return self.residual_scale * x + self.out_proj(self.out_norm(v) * F.silu(g))
 
 
 class BareBlock(nn.Module):
-    """The cell alone (``config.block="bare"``): no norm, conv, gate or residual around it."""
+    """The cell alone (``config.block="bare"``): no norm, conv, gate or residual around it. Its generation
+    cache holds an empty conv window ``[B, 0, d]``, so :meth:`decode` has :class:`RNNBlock`'s signature."""
 
     def __init__(self, config: ParaRNNConfig):
         super().__init__()
@@ -138,17 +144,21 @@ class BareBlock(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor | None, reset: Tensor | None,
                 cache: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
-        if cache is not None and cache.has_previous_state:
-            state, ys = cache.cell_states[layer_idx], []
-            for t in range(x.shape[1]):
-                y, state = self.cell.step(x[:, t], state)
-                ys.append(y)
-            cache.cell_states[layer_idx] = state
-            return torch.stack(ys, dim=1)
-        if cache is not None:
-            x, cache.cell_states[layer_idx] = self.cell(x, reset=reset, return_state=True)
-            return x
-        return self.cell(x, reset=reset)
+        """The parallel forward; with ``cache`` (the prefill) it keeps the final state there."""
+        if cache is None:
+            return self.cell(x, reset=reset)
+        y, state = self.cell(x, reset=reset, return_state=True)
+        cache.conv_states[layer_idx] = x[:, :0]
+        cache.cell_states[layer_idx] = state.clone()  # a view would keep the whole trajectory alive
+        return y
+
+    def decode(self, x: Tensor, window: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Token by token from the cell state: ``x [B, T, d]`` -> ``(output, window (empty), new state)``."""
+        ys = []
+        for t in range(x.shape[1]):
+            y, state = self.cell.step(x[:, t], state)
+            ys.append(y)
+        return torch.stack(ys, dim=1), window, state
 
 
 class MLPBlock(nn.Module):
@@ -172,7 +182,14 @@ class ParaRNNLayer(GradientCheckpointingLayer):
 
     def forward(self, x: Tensor, positions: Tensor | None = None, reset: Tensor | None = None,
                 cache_params: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
-        x = self.rnn(x, positions, reset, cache_params, layer_idx)
+        """The parallel forward (``cache_params`` empty: the prefill, which fills it), or, with a filled
+        cache, the tokens that follow it one by one (``rnn.decode``)."""
+        if cache_params is not None and cache_params.has_previous_state:
+            window, state = cache_params.conv_states[layer_idx], cache_params.cell_states[layer_idx]
+            x, cache_params.conv_states[layer_idx], cache_params.cell_states[layer_idx] = self.rnn.decode(
+                x, window, state)
+        else:
+            x = self.rnn(x, positions, reset, cache_params, layer_idx)
         return x if self.mlp is None else self.mlp(x)
 
 
@@ -310,24 +327,38 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
         values = [cell.last_residual for cell in self.cells() if cell.last_residual is not None]
         return torch.stack(values).amax() if values else None
 
+    def newton_fallbacks(self) -> Tensor:
+        """Chains solved again exactly, over all layers since the model was built (Newton had not converged)."""
+        return sum(cell.newton_fallbacks for cell in self.cells())
+
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, labels: Tensor | None = None,
                 attention_mask: Tensor | None = None, cache_params: ParaRNNCache | None = None,
-                use_cache: bool | None = None, **kwargs) -> ParaRNNCausalLMOutput:
+                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> ParaRNNCausalLMOutput:
         """``use_cache=True`` (set by generate()) returns ``cache_params``: with a filled cache, ``input_ids`` are
         the tokens that follow it (``attention_mask`` / ``position_ids`` are then ignored: padding was dealt
-        with at the prefill). Without a cache this is the plain parallel forward."""
+        with at the prefill). Without a cache this is the plain parallel forward. ``logits_to_keep=n > 0``
+        computes the logits of the last n positions only (generate()'s prefill asks for 1; ignored with labels).
+
+        On CUDA a one-token decode step replays a CUDA graph of the whole step (``decoding.py``,
+        ``config.decode_graph``); the logits it returns are a fresh tensor, as here."""
         use_cache = bool(use_cache) and not self.training
         if use_cache and cache_params is None:
             cache_params = ParaRNNCache(self.config.num_hidden_layers)
         if not use_cache:
             cache_params = None
         decoding = cache_params is not None and cache_params.has_previous_state
+        if decoding and labels is None:
+            logits = graph_decode(self, input_ids, cache_params)
+            if logits is not None:
+                return ParaRNNCausalLMOutput(logits=logits, cache_params=cache_params)
         if decoding:
             position_ids = None
         elif attention_mask is not None and position_ids is None and not bool(attention_mask.all()):
             # Left padding (batched generation): each row's document starts at its first real token.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.lm_head(self.model(input_ids, position_ids, cache_params))
+        hidden = self.model(input_ids, position_ids, cache_params)
+        keep = logits_to_keep if labels is None else 0  # the loss needs every position
+        logits = self.lm_head(hidden[:, -keep:] if keep else hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -342,13 +373,11 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
                                       cache_params: ParaRNNCache | None = None, use_cache: bool | None = None,
                                       is_first_iteration: bool | None = False, **kwargs):
         if use_cache and cache_params is not None and cache_params.has_previous_state:
-            # Decode: only the tokens the cache has not seen (generate() slices to the last one as well).
+            # Decode: only the tokens the cache has not seen; nothing else reaches forward (the padding mask
+            # was used at the prefill). HF's generic preparation is skipped: per token it costs more host
+            # time than a graph-replayed step takes on the GPU.
             new = input_ids.shape[1] - cache_params.seen_tokens
-            input_ids = input_ids[:, -max(new, 1):]
-            kwargs.pop("next_sequence_length", None)
-            kwargs.pop("position_ids", None)
-            attention_mask = None
-        model_inputs = super().prepare_inputs_for_generation(
+            return {"input_ids": input_ids[:, -max(new, 1):], "cache_params": cache_params, "use_cache": use_cache}
+        return super().prepare_inputs_for_generation(
             input_ids, attention_mask=attention_mask, cache_params=cache_params, use_cache=use_cache,
             is_first_iteration=is_first_iteration, **kwargs)
-        return model_inputs
