@@ -43,6 +43,7 @@ from training.metrics import MetricsLogger, close_logging, log_to_file, setup_lo
 from training.optim import build_optimizer, build_scheduler
 from training.preemption import EXIT_REQUEUE, Preemption
 from training.run_dir import check_resume, save_config
+from training.sequence_parallel import setup as setup_sequence_parallel
 
 log = logging.getLogger("train")
 LONG_RUN_S = 600  # an ETA above this gets a hint on how to shorten the run
@@ -312,7 +313,10 @@ def train(job: JobConfig, command: str) -> int:
     accelerator = make_accelerator(t)
     main_process, world_size = accelerator.is_main_process, accelerator.num_processes
     micro_batch = t.micro_batch(world_size)
-    data = build_data(job.data, micro_batch, t.val_batches, accelerator.process_index, world_size)
+    # Sequence parallelism: the ranks of a group read the same rows and each keeps its slice of time steps.
+    sp = setup_sequence_parallel(t.sequence_parallel, accelerator.process_index, world_size)
+    data = build_data(job.data, micro_batch, t.val_batches, sp.dp_rank, sp.dp_size)
+    data.validation = [sp.shard(b) for b in data.validation]
     shapes = build_model(job, data, "meta")
     check_memory(job, shapes, accelerator.device, micro_batch, world_size, accelerator.mixed_precision == "bf16")
 
@@ -327,6 +331,8 @@ def train(job: JobConfig, command: str) -> int:
     model = build_model(job, data, accelerator.device)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if sp.size > 1:
+        model.set_sequence_parallel(sp.group)
     n_params, n_non_embedding = param_counts(model)
     chance_loss = math.log(model.config.vocab_size)
     tracks_residual = hasattr(model, "track_newton_residual")
@@ -367,7 +373,8 @@ def train(job: JobConfig, command: str) -> int:
             log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
             if tracks_residual:
                 raw_model.track_newton_residual(log_now)
-            batches = [{k: v.to(accelerator.device) for k, v in next(data.train).items()} for _ in range(t.grad_accum)]
+            batches = [{k: v.to(accelerator.device) for k, v in sp.shard(next(data.train)).items()}
+                       for _ in range(t.grad_accum)]
             step = train_step(model, optimizer, accelerator, batches, t)
             scheduler.step()
             state.step += 1
@@ -418,7 +425,7 @@ def train(job: JobConfig, command: str) -> int:
         final |= validate(model, data, accelerator.device, batches, prefix=f"test_{name}_")
     summary = {"model": job.model.name, "arch": job.model.arch, "params": n_params, "step": state.step,
                "tokens": state.tokens, **final, "run_dir": job.run_dir, "strategy": t.strategy,
-               "world_size": world_size}
+               "world_size": world_size, "sequence_parallel": sp.size}
     # An export ships the tokenizer that reads its inputs; without one (a synthetic task's ids) the
     # checkpoints are the run's model.
     hf_dir = os.path.join(job.run_dir, "hf") if data.tokenizer is not None else None
