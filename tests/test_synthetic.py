@@ -240,7 +240,8 @@ def test_synthetic_preset_composes_typed_with_overrides():
     """``data=synthetic_parity`` picks SyntheticConfig through its ``source`` key, so every SyntheticConfig key
     is overridable without ``+`` (``data.val_samples`` is not in the preset) and checked by type, while a text
     key is unknown there, and ``data.source=synthetic`` alone picks it too. Mutation: compose() without its
-    first pass (the schema of the default kind, text) -> the data.val_samples row fails."""
+    first pass (the schema of the default kind, text) -> the data.val_samples row fails; without JobConfig's
+    synthetic check -> the sequence_parallel row fails."""
     job = train.load_job(["data=synthetic_parity", "data.seq_len=32", "data.val_samples=64", "data.score=last"])
     assert isinstance(job.data, SyntheticConfig)
     assert (job.data.task, job.data.seq_len, job.data.val_samples, job.data.score) == ("parity", 32, 64, "last")
@@ -251,7 +252,9 @@ def test_synthetic_preset_composes_typed_with_overrides():
             (["data=synthetic_keep_nth", "data.task_args.vocab=x"], "data.task_args.vocab: expected an int"),
             (["data.val_samples=3"], "data.val_samples: unknown key (known: source, name, format"),
             (["data.source=nope"], "data.source: expected one of 'text', 'synthetic'; got 'nope'"),
-            (["data.source=synthetic"], "data.task: missing value")):
+            (["data.source=synthetic"], "data.task: missing value"),
+            (["data=synthetic_parity", "model=paragru_synth", "trainer.sequence_parallel=2"],
+             "trainer.sequence_parallel=2: does not run with a synthetic task")):
         with pytest.raises(ConfigError) as err:
             train.load_job(overrides)
         assert str(err.value).startswith(message), (overrides, str(err.value))
