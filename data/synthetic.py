@@ -77,6 +77,14 @@ class Task(Config):
 
     KEY: ClassVar[str] = "data.task_args"
     name: ClassVar[str]
+    MINIMUM: ClassVar[dict[str, int]] = {}
+    """The smallest value of each integer argument that has one (checked by :meth:`check`)."""
+
+    def check(self) -> None:
+        super().check()
+        for key, least in self.MINIMUM.items():
+            if getattr(self, key) < least:
+                self.fail(key, f"must be >= {least}")
 
     @property
     def vocab_size(self) -> int:
@@ -113,6 +121,7 @@ class KeepNth(Task):
     name: ClassVar[str] = "keep_nth"
     vocab: int = 128   # |V|, the dictionary size
     n: int = 5         # which element to keep (1-based)
+    MINIMUM: ClassVar[dict[str, int]] = {"vocab": 2, "n": 1}
 
     @property
     def vocab_size(self) -> int:
@@ -120,13 +129,6 @@ class KeepNth(Task):
 
     def min_length(self) -> int:
         return self.n
-
-    def check(self) -> None:
-        super().check()
-        if self.vocab < 2:
-            self.fail("vocab", "must be >= 2")
-        if self.n < 1:
-            self.fail("n", "must be >= 1")
 
     def inputs(self, gen, batch, length):
         return _randint(gen, self.vocab, (batch, length))
@@ -222,17 +224,11 @@ class KHop(Task):
     name: ClassVar[str] = "khop"
     vocab: int = 10  # |V|
     hops: int = 1    # k
+    MINIMUM: ClassVar[dict[str, int]] = {"vocab": 2, "hops": 1}
 
     @property
     def vocab_size(self) -> int:
         return self.vocab + 1
-
-    def check(self) -> None:
-        super().check()
-        if self.vocab < 2:
-            self.fail("vocab", "must be >= 2")
-        if self.hops < 1:
-            self.fail("hops", "must be >= 1")
 
     def inputs(self, gen, batch, length):
         return _randint(gen, self.vocab, (batch, length))
@@ -264,15 +260,11 @@ class CycleNav(Task):
 
     name: ClassVar[str] = "cycle_nav"
     cycle: int = 5
+    MINIMUM: ClassVar[dict[str, int]] = {"cycle": 2}
 
     @property
     def vocab_size(self) -> int:
         return max(3, self.cycle)
-
-    def check(self) -> None:
-        super().check()
-        if self.cycle < 2:
-            self.fail("cycle", "must be >= 2")
 
     def inputs(self, gen, batch, length):
         return _randint(gen, 3, (batch, length))
@@ -295,15 +287,11 @@ class ModArith(Task):
 
     name: ClassVar[str] = "mod_arith"
     modulus: int = 5
+    MINIMUM: ClassVar[dict[str, int]] = {"modulus": 2}
 
     @property
     def vocab_size(self) -> int:
         return self.modulus + 3
-
-    def check(self) -> None:
-        super().check()
-        if self.modulus < 2:
-            self.fail("modulus", "must be >= 2")
 
     def inputs(self, gen, batch, length):
         x = torch.empty(batch, length, dtype=torch.long)
