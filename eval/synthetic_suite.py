@@ -27,7 +27,10 @@ prefix parities right, ...), which the details table shows for every task anyway
 
 Each run lives in ``--runs-dir`` (default ``OUT/runs``): its train.py run directory, its log and, once it has
 finished, ``record.json``. A re-run skips the cells with a record and resumes an interrupted one from its last
-checkpoint, so the same command can be repeated until the table is complete. Writes four files to ``--out``:
+checkpoint, so the same command can be repeated until the table is complete. The paper's five tasks run
+first, the longest runs first among them; ``--deadline S`` starts no run after S seconds, ``--time-limit S``
+also stops the runs under way then (each checkpoints after its current step: a re-run resumes it), so the
+command ends by itself with the table of what finished. Writes four files to ``--out``:
 ``runs.jsonl`` (every record), ``table.md`` (the table, the paper's numbers beside ours, length
 generalisation, Newton residuals and fallbacks), ``table.csv`` (one row per task × architecture) and
 ``table.png``. The paper reports the best of 3 seeds; we report mean ± half-range over seeds and the best.
@@ -40,6 +43,7 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -105,6 +109,7 @@ TASKS = (
     SuiteTask("s5", "S5", "synthetic_s5", steps=4000, seeds=1, score="last"),
 )
 DEFAULT_TASKS = tuple(t.key for t in TASKS if t.key != "s5")
+PAPER_TASKS = ("keep_nth", "parity", "mqar", "hop1", "hop2")  # Tables 1/6
 _BY_KEY = {t.key: t for t in TASKS}
 # Relative cost of a training step, for scheduling the longest runs first (the pool's makespan).
 _COST = {"transformer": 1.0, "mamba2": 1.5, "paragru": 1.0, "paralstm": 1.2}
@@ -218,6 +223,8 @@ def run_cell(cell: Cell, opts: dict) -> dict:
 
     record = {"task": cell.task, "arch": cell.arch, "seed": cell.seed, "name": cell.name}
     run_dir = os.path.join(opts["runs_dir"], cell.name)
+    with open(_pid_path(cell, opts["runs_dir"]), "w") as f:  # where --time-limit sends its stop signal
+        f.write(str(os.getpid()))
     start = time.perf_counter()
     with _redirected(os.path.join(opts["runs_dir"], f"{cell.name}.log")):
         try:
@@ -227,6 +234,7 @@ def run_cell(cell: Cell, opts: dict) -> dict:
 
             traceback.print_exc()
             code, record["error"] = None, " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    os.remove(_pid_path(cell, opts["runs_dir"]))
     if code == EXIT_REQUEUE:
         record["error"] = "stopped by a signal after a checkpoint (repeat the command to resume it)"
     elif code is not None and code != 0:
@@ -244,6 +252,19 @@ def run_cell(cell: Cell, opts: dict) -> dict:
     return record
 
 
+def _pid_path(cell: Cell, runs_dir: str) -> str:
+    return os.path.join(runs_dir, f"{cell.name}.pid")
+
+
+def _stop(cells, runs_dir: str) -> None:
+    """Ask the workers training ``cells`` to stop: SIGUSR1, which train.py's preemption handler turns into a
+    checkpoint and exit 75 after the current step (a worker between runs ignores it: ``_worker_init``)."""
+    for cell in cells:
+        with contextlib.suppress(OSError, ValueError):
+            with open(_pid_path(cell, runs_dir)) as f:
+                os.kill(int(f.read()), signal.SIGUSR1)
+
+
 def write_record(cell: Cell, runs_dir: str, record: dict) -> None:
     os.makedirs(os.path.dirname(record_path(cell, runs_dir)), exist_ok=True)
     tmp = record_path(cell, runs_dir) + ".tmp"
@@ -256,6 +277,8 @@ def _worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)  # many workers share the host's cores; the math of these models is on the GPU
+    # --time-limit's stop signal, if it lands between two runs (train.py's handler is set only while it trains)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,6 +478,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="concurrent runs (default: 12 on CUDA, 1 on CPU)")
     p.add_argument("--deadline", type=float, default=None, help="seconds after which no further run is started "
                    "(the ones under way finish; the table shows what is done; repeat the command to go on)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds after which the runs under way are "
+                   "stopped too (each checkpoints after its current step and is recorded as stopped; repeat the "
+                   "command to resume them) and the table is written: the command ends by itself")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="reduced mode: a quarter of the steps, one seed, L=1000 only")
     p.add_argument("--seq-len", type=int, default=None, help="training length (default: the tasks' 100)")
@@ -488,11 +514,13 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[str], list[int], lis
         raise ConfigError(f"--test-lengths: not a comma list of integers: {args.test_lengths!r}") from None
     cells = [Cell(t, a, s) for t in tasks for a in archs
              for s in range(args.seeds if args.seeds is not None else _BY_KEY[t].seeds)]
-    cells.sort(key=lambda c: -_BY_KEY[c.task].steps * _COST[c.arch])  # longest first: a shorter makespan
+    # The paper's tasks first (a deadline cuts the others), and among them the longest first: a shorter makespan.
+    cells.sort(key=lambda c: (c.task not in PAPER_TASKS, -_BY_KEY[c.task].steps * _COST[c.arch]))
     return tasks, archs, lengths, cells
 
 
 def main(argv=None) -> int:
+    start = time.perf_counter()  # --deadline and --time-limit count from here
     args = parse_args(argv)
     try:
         tasks, archs, lengths, cells = plan(args)
@@ -523,7 +551,6 @@ def main(argv=None) -> int:
     print(f"synthetic suite: {len(cells)} runs ({len(cells) - len(todo)} already done), {len(tasks)} tasks x "
           f"{len(archs)} architectures, {workers} worker(s) on {'cuda' if cuda else 'cpu'}; logs in {runs_dir}",
           flush=True)
-    start = time.perf_counter()
     if todo:
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -543,7 +570,12 @@ def main(argv=None) -> int:
                     running[pool.submit(run_cell, cell, opts)] = cell
                 if not running:
                     break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                if args.time_limit is not None and time.perf_counter() - start > args.time_limit:
+                    if queue:
+                        print(f"time limit: {len(queue)} run(s) not started", flush=True)
+                        queue = []
+                    _stop(running.values(), runs_dir)  # again every few seconds: one may not have been training yet
+                done, _ = wait(running, timeout=None if args.time_limit is None else 5, return_when=FIRST_COMPLETED)
                 for future in done:
                     cell = running.pop(future)
                     finished += 1

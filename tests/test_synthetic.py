@@ -489,7 +489,8 @@ def test_suite_table_aggregates_seeds_and_shows_the_paper(tmp_path):
     ours; an unconverged Newton solve flagged ‼ when nothing re-solved it and ↻ when the fallback did; failed
     runs counted; finished cells are skipped by the planner.
     Mutations: spread as max - min -> fails; Parity's score "all" in TASKS -> the table reads 30, fails;
-    newton_mark ignoring the fallbacks -> fails."""
+    newton_mark ignoring the fallbacks -> fails; plan's sort by cost alone (A5 on Mamba2, cost 6,000, before
+    1-hop on the others) -> fails."""
     from eval import synthetic_suite as suite
 
     records = [{"task": "parity", "arch": "paragru", "seed": s, "name": f"parity__paragru__s{s}", "params": 3712,
@@ -519,6 +520,8 @@ def test_suite_table_aggregates_seeds_and_shows_the_paper(tmp_path):
                                              "parity__paragru__s2"]
     steps = [suite._BY_KEY[c.task].steps for c in cells]
     assert steps == sorted(steps, reverse=True)  # the longest runs first
+    _, _, _, mixed = suite.plan(suite.parse_args(["--out", str(tmp_path), "--tasks", "a5,hop1"]))
+    assert [c.task for c in mixed] == ["hop1"] * 4 + ["a5"] * 4  # the paper's tasks before the others
     parity = [c for c in cells if c.task == "parity"]
     suite.write_record(parity[0], str(tmp_path), records[0])
     suite.write_record(parity[1], str(tmp_path), {**records[1], "error": "boom"})
@@ -541,3 +544,34 @@ def test_suite_reads_newton_from_metrics_across_a_resume(tmp_path):
     assert _training_newton(str(path)) == (4.0, 5)
     path.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")  # a model without Newton cells
     assert _training_newton(str(path)) == (None, None)
+
+
+@pytest.mark.slow
+def test_suite_time_limit_stops_the_runs_under_way_and_writes_the_table(tmp_path):
+    """``--time-limit``: a run far longer than the limit (60,000 steps) is stopped through train.py's
+    preemption handler (a checkpoint, then exit 75), recorded as stopped, and the command still writes the
+    table and ends (exit 1: a run did not finish). Mutation: ``_stop`` sending no signal -> the run goes on
+    past the 120 s timeout: fails."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "suite"
+    cmd = [sys.executable, "-m", "eval.synthetic_suite", "--out", str(out), "--tasks", "parity", "--archs", "paragru",
+           "--seeds", "1", "--steps-scale", "10", "--seq-len", "16", "--test-lengths", "32", "--val-samples", "64",
+           "--test-samples", "64", "--device", "cpu", "--time-limit", "10"]
+    # Its own process group: if the limit fails, the timeout ends the suite's workers too.
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        stdout = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, stdout
+    record = json.loads((out / "runs" / "parity__paragru__s0" / "record.json").read_text())
+    assert "stopped by a signal" in record["error"], record
+    steps = [int(d.split("_")[-1]) for d in os.listdir(out / "runs" / "parity__paragru__s0" / "checkpoints")]
+    assert len(steps) == 1 and 0 < steps[0] < 60000  # checkpointed after the step it was stopped in
+    assert (out / "table.md").exists() and "1 failed: parity__paragru__s0" in stdout
