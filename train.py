@@ -3,6 +3,7 @@
     python train.py                                   # the default: a tiny ParaGRU on the embedded corpus
     python train.py model=paralstm_tiny trainer.max_steps=50 run_dir=runs/lstm
     python train.py --help                            # every key, its default and what it does
+    python train.py model=paragru_synth_bare data=synthetic_parity trainer=synthetic   # a synthetic task
     accelerate launch --multi_gpu --num_processes 8 train.py model=paragru_1b data=slimpajama trainer=fsdp2
 
 Read top to bottom: the config (checked before anything is created) -> the data source -> the model ->
@@ -10,8 +11,9 @@ Read top to bottom: the config (checked before anything is created) -> the data 
 validate, checkpoint, stop on a signal; then the final validation and the export) -> ``main``.
 
 Everything a run writes goes under ``run_dir``: the resolved ``config.yaml``, ``train.log``,
-``metrics.jsonl``, ``checkpoints/``, the HF export ``hf/`` and ``summary.json``. Re-running with the same
-``run_dir`` resumes from the newest complete checkpoint, exactly (same data, same RNG, same optimizer).
+``metrics.jsonl``, ``checkpoints/``, the HF export ``hf/`` (when the data has a tokenizer) and
+``summary.json``. Re-running with the same ``run_dir`` resumes from the newest complete checkpoint, exactly
+(same data, same RNG, same optimizer).
 """
 import json
 import logging
@@ -21,7 +23,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ from eval.export import export_hf
 from eval.perplexity import evaluate_perplexity
 from training.checkpoint import Checkpointer
 from training.common import REPO_ROOT, ConfigError
-from training.config import DataConfig, JobConfig, TrainerConfig, compose
+from training.config import DataConfig, JobConfig, SyntheticConfig, TrainerConfig, compose
 from training.distributed import make_accelerator, prepare, shard, sharded_state
 from training.loss import lm_loss
 from training.memory import GiB, available_bytes, estimate_bytes, peak_memory
@@ -105,19 +107,35 @@ class DataSource:
     validation: list[dict[str, torch.Tensor]]
     """This rank's validation batches, the same at every validation."""
     vocab_size: int
-    """Token ids the model must cover (the model pads it to a multiple of 64)."""
+    """Token ids the model must cover (the model pads it to a multiple of 64 unless pad_vocab is False)."""
+    pad_vocab: bool = True
+    """False: the model's vocabulary is exactly vocab_size (a synthetic task's classes: padding would add
+    outputs that are never targets, and parameters the paper's counts do not have)."""
     byte_lengths: torch.Tensor | None = None
     """UTF-8 bytes of each token id, for bits per byte; None: no bits per byte."""
     tokenizer: Any = None
     """Saved with the HF export; None when the data has no tokenizer."""
     val_metrics: Callable[..., dict] | None = None
     """Extra validation metrics, ``(model, batches, device) -> dict`` (e.g. a synthetic task's accuracy)."""
+    test: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    """Named test sets evaluated once after training like the validation rows (metrics ``test_<name>_*``)."""
 
 
-def build_data(cfg: DataConfig, micro_batch: int, val_batches: int, rank: int, world_size: int) -> DataSource:
-    """Text corpora: the tokenizer, the packed training stream and the packed validation rows. Another kind
-    of source (e.g. a synthetic task: vocabulary from the task, no tokenizer, accuracy in validation) adds
-    its branch here and returns a DataSource."""
+def build_data(cfg: DataConfig | SyntheticConfig, micro_batch: int, val_batches: int, rank: int,
+               world_size: int) -> DataSource:
+    """Text corpora: the tokenizer, the packed training stream and the packed validation rows. A synthetic
+    task (data/synthetic.py): its vocabulary unpadded, no tokenizer and no bytes, exact-match and per-token
+    accuracy in validation, and test sets at longer lengths."""
+    if cfg.source == "synthetic":
+        from data.synthetic import SyntheticStream, evaluation_batches, make_task
+        from eval.synthetic import evaluate_accuracy
+
+        return DataSource(
+            train=SyntheticStream(cfg, micro_batch, rank, world_size),
+            validation=evaluation_batches(cfg, None, rank, world_size)[:val_batches],
+            vocab_size=make_task(cfg.task, cfg.task_args).vocab_size, pad_vocab=False,
+            val_metrics=evaluate_accuracy,
+            test={f"L{n}": evaluation_batches(cfg, n, rank, world_size) for n in cfg.test_lengths})
     tokenizer = load_tokenizer(cfg.tokenizer)
     return DataSource(
         train=PackedStream(cfg, tokenizer, micro_batch, rank, world_size),
@@ -128,14 +146,16 @@ def build_data(cfg: DataConfig, micro_batch: int, val_batches: int, rank: int, w
 # ------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------
-def build_model(job: JobConfig, vocab_size: int, device: torch.device | str) -> torch.nn.Module:
-    """The model of ``model.arch`` / ``model.config`` on ``device`` ("meta": shapes only)."""
+def build_model(job: JobConfig, data: DataSource, device: torch.device | str) -> torch.nn.Module:
+    """The model of ``model.arch`` / ``model.config`` for ``data``'s vocabulary on ``device`` ("meta": shapes
+    only)."""
     # transformers, the slowest import of a run, comes with models/: after the config checks.
     from models.registry import build_model as build
 
+    config = job.model.config if data.pad_vocab else {"vocab_size": data.vocab_size, **job.model.config}
     try:  # a bad config key, a vocab smaller than the data's: one line naming the key
         with torch.device(device):
-            return build(job.model.arch, job.model.config, vocab_size)
+            return build(job.model.arch, config, data.vocab_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -148,15 +168,23 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if id(p) not in embeddings)
 
 
-def validate(model, data: DataSource, device) -> dict:
-    """Validation loss, perplexity and bits per byte over all ranks' shares of the validation rows (and
-    the data source's own metrics)."""
-    result = evaluate_perplexity(model, data.validation, data.byte_lengths, device=device)
-    metrics = {"val_loss": result["loss"], "val_ppl": result["ppl"], "val_bpb": result["bpb"],
-               "val_tokens": result["tokens"]}
+def validate(model, data: DataSource, device, batches: list | None = None, prefix: str = "val_") -> dict:
+    """Loss, perplexity and bits per byte over all ranks' shares of the validation rows (or of ``batches``),
+    and the data source's own metrics; every key starts with ``prefix``."""
+    batches = data.validation if batches is None else batches
+    result = evaluate_perplexity(model, batches, data.byte_lengths, device=device)
+    metrics = {"loss": result["loss"], "ppl": result["ppl"], "bpb": result["bpb"], "tokens": result["tokens"]}
     if data.val_metrics is not None:
-        metrics.update(data.val_metrics(model, data.validation, device))
-    return metrics
+        metrics.update(data.val_metrics(model, batches, device))
+    return {prefix + key: value for key, value in metrics.items()}
+
+
+def extra_metrics(metrics: dict, prefix: str = "val_") -> str:
+    """The data source's own metrics of a validation (``val_metrics``) for its log line, e.g. ``  exact_acc 1.0000``."""
+    own = {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
+    return "".join(f"  {name} {value:.4f}" if isinstance(value, float) and (value == 0 or abs(value) >= 1e-3)
+                   else f"  {name} {value:.1e}" if isinstance(value, float) else f"  {name} {value}"
+                   for name, value in own.items() if name not in ("loss", "ppl", "bpb", "tokens", "sequences"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,7 +317,7 @@ def train(job: JobConfig, command: str) -> int:
     sp = setup_sequence_parallel(t.sequence_parallel, accelerator.process_index, world_size)
     data = build_data(job.data, micro_batch, t.val_batches, sp.dp_rank, sp.dp_size)
     data.validation = [sp.shard(b) for b in data.validation]
-    shapes = build_model(job, data.vocab_size, "meta")
+    shapes = build_model(job, data, "meta")
     check_memory(job, shapes, accelerator.device, micro_batch, world_size, accelerator.mixed_precision == "bf16")
 
     # ---- From here on the run exists: run_dir, train.log, config.yaml ----
@@ -300,7 +328,7 @@ def train(job: JobConfig, command: str) -> int:
 
     # ---- Model, optimizer, schedule, checkpoints; resume ----
     set_seed(job.seed)
-    model = build_model(job, data.vocab_size, accelerator.device)
+    model = build_model(job, data, accelerator.device)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if sp.size > 1:
@@ -375,7 +403,8 @@ def train(job: JobConfig, command: str) -> int:
                 result = validate(model, data, accelerator.device)
                 metrics.log({"split": "validation", "step": state.step, "tokens": state.tokens, **result})
                 log.info(f"step {state.step}/{t.max_steps}  validation loss {result['val_loss']:.4f}  ppl "
-                         f"{result['val_ppl']:.2f}" + (f"  bpb {result['val_bpb']:.4f}" if result["val_bpb"] else ""))
+                         f"{result['val_ppl']:.2f}" + (f"  bpb {result['val_bpb']:.4f}" if result["val_bpb"] else "")
+                         + extra_metrics(result))
             stopped = preemption.requested(accelerator.device)  # collective: every rank stops after the same step
             if stopped or state.step % t.ckpt_every == 0 or state.step == t.max_steps:
                 log.info(f"checkpoint {checkpointer.save(state.step, data.train.state_dict())}")
@@ -390,21 +419,30 @@ def train(job: JobConfig, command: str) -> int:
                  f"resume from step {state.step}")
         return EXIT_REQUEUE
 
-    # ---- Final validation, export, summary ----
+    # ---- Final validation and test sets, export, summary ----
     final = validate(model, data, accelerator.device)
+    for name, batches in data.test.items():
+        final |= validate(model, data, accelerator.device, batches, prefix=f"test_{name}_")
     summary = {"model": job.model.name, "arch": job.model.arch, "params": n_params, "step": state.step,
                "tokens": state.tokens, **final, "run_dir": job.run_dir, "strategy": t.strategy,
                "world_size": world_size, "sequence_parallel": sp.size}
-    hf_dir = os.path.join(job.run_dir, "hf")
-    export_hf(accelerator, model, data.tokenizer, hf_dir)
+    # An export ships the tokenizer that reads its inputs; without one (a synthetic task's ids) the
+    # checkpoints are the run's model.
+    hf_dir = os.path.join(job.run_dir, "hf") if data.tokenizer is not None else None
+    if hf_dir:
+        export_hf(accelerator, model, data.tokenizer, hf_dir)
     if main_process:
         summary.update(hf=hf_dir, tokens_per_s=metrics.mean_tokens_per_s())
         with open(os.path.join(job.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         log.info(f"validation loss {final['val_loss']:.4f}  perplexity {final['val_ppl']:.2f}"
-                 + (f"  bits/byte {final['val_bpb']:.4f}" if final["val_bpb"] else "")
+                 + (f"  bits/byte {final['val_bpb']:.4f}" if final["val_bpb"] else "") + extra_metrics(final)
                  + f"  ({state.tokens:,} tokens, {n_params:,} params)")
-        log.info(f"outputs: {job.run_dir}  (train.log, metrics.jsonl, checkpoints/, hf/, summary.json)")
+        for name in data.test:
+            prefix = f"test_{name}_"
+            log.info(f"test {name}  loss {final[prefix + 'loss']:.4f}" + extra_metrics(final, prefix))
+        log.info(f"outputs: {job.run_dir}  (train.log, metrics.jsonl, checkpoints/, {'hf/, ' if hf_dir else ''}"
+                 f"summary.json)")
     accelerator.wait_for_everyone()
     return 0
 

@@ -22,6 +22,7 @@ from training.config import (
     DataConfig,
     JobConfig,
     ModelConfig,
+    SyntheticConfig,
     TrainerConfig,
     WandbConfig,
     _field_docs,
@@ -77,10 +78,12 @@ def test_default_config_is_the_dataclass_defaults():
 def test_presets_state_only_what_differs(group):
     """Every key a trainer/data preset sets differs from the default it would inherit (its ``defaults:``
     parent's, else the dataclass's). Mutation: ``grad_accum: 1`` added to configs/trainer/gpu.yaml -> fails."""
+    kinds = {"text": DataConfig, "synthetic": SyntheticConfig}  # a data preset's `source` picks its dataclass
     for path in sorted((CONFIGS / group).glob("*.yaml")):
         preset = yaml.safe_load(path.read_text()) or {}
         parents = [p for p in preset.pop("defaults", []) if p != "_self_"]
-        base = composed(f"{group}={parents[0]}")[group] if parents else GROUPS[group]().to_dict()
+        cls = kinds[preset.pop("source", "text")] if group == "data" else GROUPS[group]
+        base = composed(f"{group}={parents[0]}")[group] if parents else cls.schema()
         same = {k: v for k, v in preset.items() if base.get(k) == v}
         assert not same, f"{path.name} restates defaults: {same}"
 
@@ -97,7 +100,7 @@ def test_arch_choices_are_the_registry_architectures():
 def test_every_field_has_a_docstring_and_help_lists_it(capsys):
     """torchtitan style: one docstring per field, printed by ``train.py --help`` with the default.
     Mutation: delete the docstring under ``trainer.z_loss`` -> fails."""
-    for cls in (JobConfig, *GROUPS.values()):
+    for cls in (JobConfig, *GROUPS.values(), SyntheticConfig):
         docs = _field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__}: no docstring for {missing}"

@@ -16,6 +16,12 @@ configs/config.yaml), so every key exists before the presets and the command lin
 (``configs/<group>/*.yaml``) state only what differs from the defaults here. ``python train.py --help``
 prints every key with its default and docstring (:meth:`Config.help`).
 
+A group can have several kinds, each its own dataclass told apart by its ``source`` field: ``data`` is
+text corpora (:class:`DataConfig`, ``source: text``, the default) or a synthetic task
+(:class:`SyntheticConfig`, ``source: synthetic``). The field is annotated with the union of the kinds
+(``data: DataConfig | SyntheticConfig``); :func:`compose` reads the source the presets and the command line
+pick, then composes on that kind's schema, so its keys are overridable and checked like any other.
+
 Paths: a relative path (data files, tokenizer, run_dir) is relative to the current directory, as for
 any command-line tool; ``${repo:path}`` in a YAML file or an override names a file of this repository
 from anywhere. The defaults name the embedded corpus and tokenizer by absolute paths.
@@ -96,11 +102,15 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
     @classmethod
-    def schema(cls) -> dict[str, Any]:
-        """Every key with its default (``???`` where a preset must set it): the base Hydra composes on."""
-        out = {}
+    def schema(cls, sources: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Every key with its default (``???`` where a preset must set it): the base Hydra composes on. A
+        field with several kinds takes the schema of the kind ``sources[field]`` names (default: its default's)."""
+        out, hints = {}, get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if isinstance(f.type, type) and issubclass(f.type, Config):
+            kinds = _kinds(hints[f.name])
+            if kinds and (sources or {}).get(f.name) in kinds:
+                out[f.name] = kinds[sources[f.name]].schema()
+            elif isinstance(f.type, type) and issubclass(f.type, Config):
                 out[f.name] = f.type.schema()
             elif f.default is not dataclasses.MISSING:
                 out[f.name] = _plain(f.default)
@@ -118,6 +128,12 @@ class Config:
         for f in dataclasses.fields(cls):
             if isinstance(f.type, type) and issubclass(f.type, Config):
                 lines += ["", f"{f.name}: {docs.get(f.name, '')}", f.type.help()]
+                continue
+            kinds = _kinds(hints[f.name])
+            if kinds:
+                lines += ["", f"{f.name}: {docs.get(f.name, '')}"]
+                for source, kind in kinds.items():
+                    lines += ["", *_wrap(f"{f.name} with {f.name}.source={source}: {kind.__doc__}"), kind.help()]
                 continue
             tp, _ = _optional(hints[f.name])
             default = "  (required: set by the preset)" if schema[f.name] == "???" else f"={_cli(schema[f.name])}"
@@ -177,6 +193,17 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
+def _kinds(tp) -> dict[str, type[Config]] | None:
+    """``{source: class}`` for a union of Config classes told apart by their ``source`` field (the first
+    is the default kind); None for any other annotation."""
+    if get_origin(tp) not in (Union, types.UnionType):
+        return None
+    classes = get_args(tp)
+    if not all(isinstance(c, type) and issubclass(c, Config) for c in classes):
+        return None
+    return {c.__dataclass_fields__["source"].default: c for c in classes}
+
+
 def _optional(tp) -> tuple[Any, bool]:
     """``X | None`` -> (X, True); anything else -> (tp, False)."""
     if get_origin(tp) in (Union, types.UnionType):
@@ -187,7 +214,14 @@ def _optional(tp) -> tuple[Any, bool]:
 
 
 def _convert(tp, value: Any) -> Any:
-    """The lossless conversions of :meth:`Config.from_dict`; anything else is left for the type check."""
+    """The lossless conversions of :meth:`Config.from_dict` (and a mapping to the kind its ``source`` names);
+    anything else is left for the type check."""
+    kinds = _kinds(tp)
+    if kinds and isinstance(value, Mapping):
+        source, key = value.get("source", next(iter(kinds))), next(iter(kinds.values())).KEY
+        if source not in kinds:
+            raise ConfigError(f"{key}.source: expected one of {', '.join(map(_show, kinds))}; got {_show(source)}")
+        return kinds[source].from_dict(value)
     tp, nullable = _optional(tp)
     if value is None and nullable:
         return None
@@ -257,23 +291,42 @@ def compose(schema: type[Config], config_dir: str, config_name: str, overrides: 
     """Hydra's composition of ``config_dir/config_name.yaml`` (whose defaults list starts with ``schema``:
     ``schema``'s defaults) with the command-line ``overrides``, resolved to plain values; build the config
     with ``schema.from_dict`` of it. Creates nothing on disk (no output directory, no ``.hydra``, no log
-    file, unlike ``@hydra.main``) and turns Hydra's and OmegaConf's errors into one-line ConfigErrors."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    file, unlike ``@hydra.main``) and turns Hydra's and OmegaConf's errors into one-line ConfigErrors.
+
+    A field with several kinds (``data``) is composed twice: first with the preset picks, the top-level
+    keys and ``<field>.source`` overrides only, to read which kind the presets and the command line pick;
+    then with every override on the schema of that kind."""
     from hydra.core.config_store import ConfigStore
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    ConfigStore.instance().store(name="schema", node=schema.schema())
+    hints = get_type_hints(schema)
+    with_kinds = [f.name for f in dataclasses.fields(schema) if _kinds(hints[f.name])]
+    store, sources = ConfigStore.instance(), {}
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="train"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
-        return OmegaConf.to_container(cfg, resolve=True)
+        store.store(name="schema", node=schema.schema())
+        if with_kinds:
+            picks = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides))
+                     if "." not in o.key_or_group or o.key_or_group in {f"{name}.source" for name in with_kinds}]
+            first = _hydra_compose(config_dir, config_name, picks)
+            sources = {name: (first.get(name) or {}).get("source") for name in with_kinds}
+            store.store(name="schema", node=schema.schema(sources))
+        return _hydra_compose(config_dir, config_name, overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_hydra_message(err, schema)) from None
+        raise ConfigError(_hydra_message(err, schema, sources)) from None
 
 
-def _hydra_message(err: Exception, schema: type[Config]) -> str:
+def _hydra_compose(config_dir: str, config_name: str, overrides: list[str]) -> dict[str, Any]:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="train"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _hydra_message(err: Exception, schema: type[Config], sources: Mapping[str, str]) -> str:
     """One line out of Hydra's and OmegaConf's multi-line messages, naming the key."""
     cause = err.__cause__ if err.__cause__ is not None else err
     full_key = getattr(cause, "full_key", None)
@@ -284,7 +337,10 @@ def _hydra_message(err: Exception, schema: type[Config]) -> str:
     if full_key and "not in struct" in str(cause):
         group: Any = schema
         for part in full_key.split(".")[:-1]:
-            sub = {f.name: f.type for f in dataclasses.fields(group)}.get(part)
+            sub = get_type_hints(group).get(part)
+            kinds = _kinds(sub)
+            if kinds:  # the kind this composition was made for
+                sub = kinds.get(sources.get(part), next(iter(kinds.values())))
             group = sub if isinstance(sub, type) and issubclass(sub, Config) else None
             if group is None:
                 break
@@ -340,6 +396,8 @@ class DataConfig(Config):
 
     KEY: ClassVar[str] = "data"
 
+    source: Literal["text"] = "text"
+    """The kind of data: text corpora (this), or data.source=synthetic for a generated task (data=synthetic_*)."""
     name: str = "sotu"
     """Name of the data set, recorded with the run and its checkpoints' data state."""
     format: Literal["json", "parquet", "text", "hub"] = "json"
@@ -430,6 +488,63 @@ class DataConfig(Config):
             self, train_files=[absolute(p) for p in self.train_files],
             validation_files=[absolute(p) for p in self.validation_files],
             tokenizer=os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else self.tokenizer)
+
+
+@dataclass
+class SyntheticConfig(Config):
+    """A synthetic task generated on the fly from a seed (data/synthetic.py): the model's vocabulary is the
+    task's, there is no tokenizer and no file; validation adds exact-match and per-token accuracy."""
+
+    KEY: ClassVar[str] = "data"
+
+    task: Literal["keep_nth", "parity", "mqar", "khop", "cycle_nav", "mod_arith", "word_problem"]
+    """The task; data/synthetic.py defines each (its docstring says where the definition comes from)."""
+    source: Literal["synthetic"] = "synthetic"
+    """The kind of data: a synthetic task (this), or data.source=text (the default) for text corpora."""
+    name: str = "synthetic"
+    """The preset's name, recorded with the run and its checkpoints' data state."""
+    task_args: dict[str, Any] = field(default_factory=dict)
+    """The task's arguments, the fields of its class in data/synthetic.py (e.g. {vocab: 128, n: 5} for
+    keep_nth); those not given keep the class's defaults."""
+    seq_len: int = 100
+    """L, the length of the training and validation sequences."""
+    score: Literal["all", "last"] = "all"
+    """Which positions carry a target, in training and evaluation: all (every position where the answer is
+    defined: running parity, x_n from position n on) or last (only the last of each sequence, the paper's
+    single output per sequence; a much sparser training signal). Evaluation reports the last position's
+    accuracy either way (last_acc)."""
+    seed: int = 0
+    """Seed of the training stream (the evaluation sets use eval_seed)."""
+    eval_seed: int = 1234
+    """Seed of the validation and test sets: the same sets for every run of a task."""
+    val_samples: int = 1024
+    """Validation sequences (of length seq_len)."""
+    test_lengths: list[int] = field(default_factory=lambda: [200, 400, 1000])
+    """Lengths of the test sets evaluated once after training (length generalisation); [] for none."""
+    test_samples: int = 1024
+    """Sequences per test length."""
+    eval_batch_size: int = 128
+    """Sequences per forward pass of validation and testing."""
+
+    def check(self) -> None:
+        """Values, then the task's arguments and the lengths it needs (data/synthetic.py's own checks)."""
+        super().check()
+        for name in ("seq_len", "val_samples", "test_samples", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                self.fail(name, "must be > 0")
+        # Imported here: the generators need torch, which the config checks do not.
+        from data.synthetic import make_task
+
+        shortest = make_task(self.task, self.task_args).min_length()
+        if self.seq_len < shortest:
+            self.fail("seq_len", f"task {self.task!r} needs sequences of at least {shortest}")
+        short = [n for n in self.test_lengths if n < shortest]
+        if short:
+            self.fail("test_lengths", f"task {self.task!r} needs sequences of at least {shortest}, got {short}")
+
+    def absolute(self) -> "SyntheticConfig":
+        """Itself: a synthetic task names no path (the text kind's absolute() makes its paths absolute)."""
+        return self
 
 
 @dataclass
@@ -550,8 +665,8 @@ class JobConfig(Config):
 
     model: ModelConfig
     """The architecture and its recipe (configs/model/)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """The data (configs/data/)."""
+    data: DataConfig | SyntheticConfig = field(default_factory=DataConfig)
+    """The data (configs/data/): text corpora (data.source=text) or a synthetic task (data.source=synthetic)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """The training recipe (configs/trainer/)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -569,6 +684,9 @@ class JobConfig(Config):
             self.trainer.fail("sequence_parallel", f"needs model.arch=pararnn, got {self.model.arch}")
         if self.data.seq_len % sp:
             self.trainer.fail("sequence_parallel", f"must divide data.seq_len={self.data.seq_len}")
+        if sp > 1 and self.data.source == "synthetic":
+            # A task's accuracy reads whole sequences; each rank would score only its time slice.
+            self.trainer.fail("sequence_parallel", "does not run with a synthetic task (data.source=synthetic)")
 
     @property
     def lr(self) -> float:

@@ -16,7 +16,8 @@ Breaking changes (refused while the run_dir holds a checkpoint):
 * ``data.tokenizer`` (ids and the vocabulary behind the embeddings) and the keys that identify the training
   stream whose position the checkpoint holds: ``data.name``, ``data.format``, ``data.train_files``,
   ``data.hub_path``, ``data.hub_name``, ``data.train_split``, ``data.text_field``, ``data.exclude_field``,
-  ``data.exclude_values``, ``data.load_kwargs``. Paths compare after resolution (relative = absolute).
+  ``data.exclude_values``, ``data.load_kwargs``; for a synthetic task ``data.source``, ``data.task`` and
+  ``data.task_args`` (its vocabulary is the model's). Paths compare after resolution (relative = absolute).
 * the optimizer's hyperparameters ``model.lr``, ``trainer.lr``, ``model.weight_decay``, ``trainer.weight_decay``,
   ``trainer.betas``, ``trainer.eps``: the checkpoint's optimizer and schedule state carry them and win on
   load, so a new value would be silently ignored.
@@ -47,7 +48,8 @@ CHECKPOINTS = "checkpoints"
 
 MODEL_RUNTIME_KEYS = {"model.config.mode"}
 STREAM_KEYS = {f"data.{k}" for k in ("name", "format", "train_files", "hub_path", "hub_name", "train_split",
-                                     "text_field", "exclude_field", "exclude_values", "load_kwargs", "tokenizer")}
+                                     "text_field", "exclude_field", "exclude_values", "load_kwargs", "tokenizer",
+                                     "source", "task", "task_args")}
 OPTIMIZER_KEYS = {"model.lr", "trainer.lr", "model.weight_decay", "trainer.weight_decay", "trainer.betas",
                   "trainer.eps"}
 PATH_KEYS = {"data.tokenizer", "data.train_files"}
@@ -93,7 +95,7 @@ def is_breaking(key: str, saved: dict, requested: dict) -> bool:
     """Whether the run's checkpoints cannot follow a change of ``key`` (the list in the module docstring)."""
     if key == "model.arch" or (key.startswith("model.config.") and key not in MODEL_RUNTIME_KEYS):
         return True
-    if key in STREAM_KEYS or key in OPTIMIZER_KEYS:
+    if key in STREAM_KEYS or key in OPTIMIZER_KEYS or key.startswith("data.task_args."):
         return True
     old_strategy = saved.get("trainer", {}).get("strategy", "single")
     new_strategy = requested.get("trainer", {}).get("strategy", "single")

@@ -10,8 +10,14 @@ The saved ``config.json`` has ``model_type: mamba2``, so an export loads with pl
 * ``tie_word_embeddings=False`` (the paper's models are untied), GPT-2 ``<|endoftext|>`` ids (50256)
   like the ParaRNN config.
 
-One field is ours (plain transformers keeps it as an unused attribute): ``use_triton`` (None = the
-Triton SSD kernels when the activations are on a CUDA device, torch otherwise; True/False force a path).
+Fields that are ours (plain transformers keeps them as unused attributes):
+
+* ``use_triton``: None = the Triton SSD kernels when the activations are on a CUDA device, torch
+  otherwise; True/False force a path.
+* ``block``: ``"lm"`` (the LM: blocks of norm, mixer, residual) or ``"bare"``: the SSM alone (one linear map
+  to x, B, C, dt, the scan, the output projection; no conv, gate, norm or residual, and no final norm),
+  the paper's † synthetic tasks (App. C.2). Bare models train and evaluate; they do not generate or export.
+* ``position_encoding``: None or ``"sinusoidal"`` (added to the embeddings; the paper's Keep-nth task).
 """
 from huggingface_hub.dataclasses import strict
 from transformers import Mamba2Config
@@ -34,8 +40,15 @@ class Mamba2DocConfig(Mamba2Config):
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
     use_triton: bool | None = None
+    block: str = "lm"
+    position_encoding: str | None = None
 
     def __post_init__(self, **kwargs):
+        if self.block not in ("lm", "bare"):
+            raise ValueError(f"Mamba2DocConfig: block={self.block!r} is not one of lm, bare")
+        if self.position_encoding not in (None, "sinusoidal"):
+            raise ValueError(f"Mamba2DocConfig: position_encoding={self.position_encoding!r} is not None or "
+                             f"'sinusoidal'")
         if self.num_heads is None:
             if (self.expand * self.hidden_size) % self.head_dim:
                 raise ValueError(f"Mamba2DocConfig: expand·hidden_size={self.expand * self.hidden_size} is not "

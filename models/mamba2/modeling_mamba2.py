@@ -19,6 +19,9 @@ What is special here, compared with ``transformers.Mamba2ForCausalLM``:
   plain calls (training, validation) take the path with resets. With a cache (``generate()``) or a
   padding ``attention_mask`` the mixer defers to HF's own code, which knows nothing of documents:
   position_ids are then ignored, and packed rows with a padding mask are refused.
+* ``config.block="bare"`` replaces each block by :class:`Mamba2BareMixer` (the SSM alone) and drops the final
+  norm, for the paper's † synthetic tasks; ``config.position_encoding="sinusoidal"`` adds sinusoids to the
+  embeddings.
 * Logits are returned in the head's dtype (HF upcasts them to fp32, which at seq 2048 × 50k vocab
   costs GBs per batch); the training loss upcasts where it needs to.
 """
@@ -39,6 +42,7 @@ from transformers.models.mamba2.modeling_mamba2 import (
     Mamba2RMSNorm,
 )
 
+from ..pararnn.modeling_pararnn import sinusoidal_positions
 from .configuration_mamba2 import Mamba2DocConfig
 from .ssd_torch import causal_conv1d, seq_idx_from_position_ids, ssd_chunked
 
@@ -71,21 +75,60 @@ class Mamba2DocMixer(Mamba2Mixer):
         x = x.reshape(batch, length, self.num_heads, self.head_dim)
         B = B.reshape(batch, length, self.n_groups, self.ssm_state_size)
         C = C.reshape(batch, length, self.n_groups, self.ssm_state_size)
-        A = -torch.exp(self.A_log.float())
-
-        use_triton = self.use_triton if self.use_triton is not None else x.is_cuda
-        if use_triton:
-            from .ssd import mamba_chunk_scan_combined  # imports triton; only on this path
-
-            y = mamba_chunk_scan_combined(
-                x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-                seq_idx=seq_idx, dt_limit=tuple(self.time_step_limit))
-        else:
-            dt = F.softplus(dt + self.dt_bias.to(dt.dtype))
-            dt = torch.clamp(dt, self.time_step_limit[0], self.time_step_limit[1])
-            y = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, seq_idx=seq_idx)
+        y = _scan(self, x, dt, B, C, seq_idx)
         y = self.norm(y.reshape(batch, length, -1), gate)  # gated RMSNorm over the whole inner width
         return self.out_proj(y.to(dtype))
+
+
+def _scan(mixer, x, dt, B, C, seq_idx):
+    """The SSD scan of ``mixer``'s parameters (Triton on CUDA unless ``use_triton`` says otherwise)."""
+    A = -torch.exp(mixer.A_log.float())
+    use_triton = mixer.use_triton if mixer.use_triton is not None else x.is_cuda
+    if use_triton:
+        from .ssd import mamba_chunk_scan_combined  # imports triton; only on this path
+
+        return mamba_chunk_scan_combined(
+            x, dt, A, B, C, mixer.chunk_size, D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True,
+            seq_idx=seq_idx, dt_limit=tuple(mixer.time_step_limit))
+    dt = F.softplus(dt + mixer.dt_bias.to(dt.dtype))
+    dt = torch.clamp(dt, mixer.time_step_limit[0], mixer.time_step_limit[1])
+    return ssd_chunked(x, dt, A, B, C, mixer.chunk_size, D=mixer.D, seq_idx=seq_idx)
+
+
+class Mamba2BareMixer(nn.Module):
+    """The SSM alone (``config.block="bare"``): x, B, C and dt from one linear map of the input, the scan, the
+    output projection; no conv, gate, gated norm or residual. A, D and dt_bias are initialised as HF's mixer."""
+
+    init_mamba2_weights = Mamba2Mixer.init_mamba2_weights
+
+    def __init__(self, config: Mamba2DocConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads, self.head_dim, self.chunk_size = config.num_heads, config.head_dim, config.chunk_size
+        self.n_groups, self.ssm_state_size = config.n_groups, config.state_size
+        self.intermediate_size = int(config.expand * config.hidden_size)
+        self.time_step_limit, self.time_step_min = config.time_step_limit, config.time_step_min
+        self.time_step_max, self.time_step_floor = config.time_step_max, config.time_step_floor
+        self.use_triton = config.use_triton
+        groups_state = self.n_groups * self.ssm_state_size
+        self.in_proj = nn.Linear(config.hidden_size, self.intermediate_size + 2 * groups_state + self.num_heads,
+                                 bias=config.use_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+
+    def forward(self, hidden_states: torch.Tensor, cache_params: Cache | None = None,
+                attention_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None, **kwargs):
+        if cache_params is not None or attention_mask is not None:
+            raise ValueError("Mamba2 block='bare' has no generation cache and takes no padding attention_mask")
+        batch, length, _ = hidden_states.shape
+        groups_state = self.n_groups * self.ssm_state_size
+        x, B, C, dt = self.in_proj(hidden_states).split(
+            [self.intermediate_size, groups_state, groups_state, self.num_heads], dim=-1)
+        y = _scan(self, x.reshape(batch, length, self.num_heads, self.head_dim), dt,
+                  B.reshape(batch, length, self.n_groups, self.ssm_state_size),
+                  C.reshape(batch, length, self.n_groups, self.ssm_state_size), seq_idx)
+        return self.out_proj(y.reshape(batch, length, -1).to(hidden_states.dtype))
 
 
 class Mamba2DocBlock(GradientCheckpointingLayer):
@@ -119,10 +162,18 @@ class Mamba2DocModel(Mamba2PreTrainedModel):
     def __init__(self, config: Mamba2DocConfig):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([Mamba2DocBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        block = Mamba2BareMixer if config.block == "bare" else Mamba2DocBlock
+        self.layers = nn.ModuleList([block(config, layer_idx=i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
-        self.norm_f = Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.norm_f = (nn.Identity() if config.block == "bare"
+                       else Mamba2RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon))
         self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Mamba2BareMixer):  # as HF's mixer (which it is not, to HF's _init_weights)
+            module.init_mamba2_weights()
+            init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
 
     def get_input_embeddings(self):
         return self.embeddings
@@ -204,6 +255,16 @@ class Mamba2DocForCausalLM(Mamba2ForCausalLM):
         use_cache = bool(use_cache)
         caching = use_cache or cache_params is not None
         seq_idx = None if caching else seq_idx_from_position_ids(position_ids)
+        if self.config.position_encoding == "sinusoidal":
+            if caching:
+                raise ValueError("Mamba2 position_encoding='sinusoidal' is for training and evaluation (no cache)")
+            if inputs_embeds is None:
+                inputs_embeds = self.backbone.embeddings(input_ids)
+                input_ids = None
+            positions = position_ids if position_ids is not None else torch.arange(
+                inputs_embeds.shape[1], device=inputs_embeds.device).expand(inputs_embeds.shape[:2])
+            inputs_embeds = inputs_embeds + sinusoidal_positions(positions, inputs_embeds.shape[-1]).to(
+                inputs_embeds.dtype)
         out = self.backbone(input_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, use_cache=use_cache,
                             output_hidden_states=output_hidden_states, attention_mask=attention_mask,
                             seq_idx=seq_idx)

@@ -7,6 +7,8 @@ from .pararnn_op import FALLBACK_TOL
 
 CELLS = ("gru", "lstm")
 MODES = ("auto", "sequential", "parallel", "triton")
+BLOCKS = ("lm", "mixer", "bare")
+POSITION_ENCODINGS = (None, "sinusoidal")
 DECODE_GRAPHS = ("compiled", "graph", "off")
 
 
@@ -27,6 +29,12 @@ class ParaRNNConfig(PretrainedConfig):
             ``newton_fallbacks``); None disables the check.
         cell_init: ``"paper"`` or ``"reference"`` (see ``ParaRNNCell``).
         vocab_size: padded vocabulary (embeddings are untied).
+        block: what each layer is. ``"lm"``: the RNN block then a SwiGLU MLP block (§5.1, the LMs);
+            ``"mixer"``: the RNN block alone, no MLP (the paper's single-layer synthetic models, App. C.2);
+            ``"bare"``: the cell alone, no norm, conv, gate, MLP or residual, and no final norm (the
+            paper's † synthetic tasks, which test the recurrence itself).
+        position_encoding: ``None`` or ``"sinusoidal"`` (added to the embeddings; the paper adds one
+            for its Keep-nth task, which a recurrence cannot solve without knowing positions).
         decode_graph: how ``generate()`` decodes on CUDA after the prefill (see ``decoding.py``):
             ``"compiled"`` replays one CUDA graph per batch size of the whole one-token step with each
             layer's step fused by ``torch.compile`` (compiled on first use); ``"graph"`` replays a graph of
@@ -42,11 +50,15 @@ class ParaRNNConfig(PretrainedConfig):
                  fallback_tol: float | None = FALLBACK_TOL,
                  cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  bos_token_id: int = 50256, eos_token_id: int = 50256, tie_word_embeddings: bool = False,
-                 decode_graph: str = "compiled", **kwargs):
+                 block: str = "lm", position_encoding: str | None = None, decode_graph: str = "compiled", **kwargs):
         if cell not in CELLS:
             raise ValueError(f"ParaRNNConfig: cell={cell!r} is not one of {', '.join(CELLS)}")
         if mode not in MODES:
             raise ValueError(f"ParaRNNConfig: mode={mode!r} is not one of {', '.join(MODES)}")
+        if block not in BLOCKS:
+            raise ValueError(f"ParaRNNConfig: block={block!r} is not one of {', '.join(BLOCKS)}")
+        if position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"ParaRNNConfig: position_encoding={position_encoding!r} is not None or 'sinusoidal'")
         if decode_graph not in DECODE_GRAPHS:
             raise ValueError(f"ParaRNNConfig: decode_graph={decode_graph!r} is not one of {', '.join(DECODE_GRAPHS)}")
         if hidden_size % num_heads:
@@ -66,6 +78,8 @@ class ParaRNNConfig(PretrainedConfig):
         self.fallback_tol = fallback_tol
         self.cell_init = cell_init
         self.rms_norm_eps = rms_norm_eps
+        self.block = block
+        self.position_encoding = position_encoding
         self.initializer_range = initializer_range
         self.decode_graph = decode_graph
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,

@@ -52,7 +52,7 @@ def layer_step(layer, x: Tensor, window: Tensor, state: Tensor) -> Tensor:
     x, new_window, new_state = layer.rnn.decode(x, window, state)
     window.copy_(new_window)
     state.copy_(new_state)
-    return layer.mlp(x)
+    return x if layer.mlp is None else layer.mlp(x)
 
 
 def compiled_layer_step():
@@ -198,9 +198,12 @@ def attach(model, decoder: GraphDecoder | None) -> None:
 def graph_decode(model, input_ids: Tensor, cache) -> Tensor | None:
     """The logits of a one-token decode step through the model's graphs, or None where they do not apply
     and the caller runs the pure-torch step: ``config.decode_graph == "off"``, more than one new token,
-    gradients enabled, no CUDA (unless a decoder was attached), or a model spread over several devices."""
+    gradients enabled, no CUDA (unless a decoder was attached), a model spread over several devices, or
+    positions added to the embeddings (``config.position_encoding``: the step here has no position input)."""
     flavour = model.config.decode_graph
     if flavour == "off" or input_ids.shape[1] != 1 or torch.is_grad_enabled():
+        return None
+    if model.config.position_encoding is not None:
         return None
     decoder = _DECODERS.get(model)
     if decoder is None:

@@ -9,6 +9,9 @@ Each layer is an RNN block followed by an MLP block (the paper's §5.2 and App. 
 Document boundaries come as ``position_ids`` that restart at 0 where a document starts: the cell's
 state and the conv's window are both reset there, so nothing crosses a boundary of a packed row.
 
+``config.block`` can drop the MLP block (``"mixer"``) or everything but the cell (``"bare"``: embeddings ->
+cell -> head), the single-layer models of the paper's synthetic tasks (App. C.2).
+
 Sequence parallelism (:meth:`ParaRNNForCausalLM.set_sequence_parallel`): each rank of a process group
 runs the model on its chunk of the time axis; the cells exchange chunk summaries and the conv reads the
 previous rank's last ``kernel - 1`` inputs (``pararnn_seqpar.py``); norms and MLPs are per token.
@@ -18,6 +21,7 @@ the conv's last ``kernel - 1`` inputs and the cell state. The prompt goes throug
 (prefill); every later token costs O(1) (conv step + ``cell.step``), so ``generate()`` is linear in its length.
 On CUDA each such step is one replay of a captured CUDA graph (``decoding.py``).
 """
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,6 +43,20 @@ def resolve_mode(mode: str) -> str:
     if mode != "auto":
         return mode
     return "triton" if torch.cuda.is_available() else "parallel"
+
+
+def sinusoidal_positions(positions: Tensor, dim: int) -> Tensor:
+    """Transformer sinusoids ``[..., dim]`` for integer ``positions``: sin/cos pairs at periods up to 10000·2π."""
+    freqs = torch.exp(torch.arange(0, dim, 2, device=positions.device) * (-math.log(10000.0) / dim))
+    angles = positions.unsqueeze(-1).float() * freqs
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)[..., :dim]
+
+
+def make_cell(config: ParaRNNConfig) -> ParaRNNCell:
+    cell_cls = ParaGRU if config.cell == "gru" else ParaLSTM
+    d = config.hidden_size
+    return cell_cls(d, d, config.num_heads, mode=resolve_mode(config.mode), newton_iters=config.newton_iters,
+                    clip=config.clip, init=config.cell_init, fallback_tol=config.fallback_tol)
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -86,13 +104,10 @@ class RNNBlock(nn.Module):
     def __init__(self, config: ParaRNNConfig):
         super().__init__()
         d = config.hidden_size
-        cell_cls = ParaGRU if config.cell == "gru" else ParaLSTM
         self.norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.in_proj = nn.Linear(d, 2 * d, bias=False)
         self.conv = CausalDepthwiseConv(d, config.conv_kernel)
-        self.cell = cell_cls(d, d, config.num_heads, mode=resolve_mode(config.mode),
-                             newton_iters=config.newton_iters, clip=config.clip, init=config.cell_init,
-                             fallback_tol=config.fallback_tol)
+        self.cell = make_cell(config)
         self.out_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
         # One element, not 0-dim: FSDP2's fully_shard and DeepSpeed ZeRO cannot shard 0-dim parameters.
@@ -100,10 +115,6 @@ class RNNBlock(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor | None, reset: Tensor | None,
                 cache: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
-        if cache is not None and cache.has_previous_state:
-            x, cache.conv_states[layer_idx], cache.cell_states[layer_idx] = self.decode(
-                x, cache.conv_states[layer_idx], cache.cell_states[layer_idx])
-            return x
         v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
         conv_in = v
         group = self.cell.seq_group
@@ -135,6 +146,33 @@ class RNNBlock(nn.Module):
         return self.residual_scale * x + self.out_proj(self.out_norm(v) * F.silu(g))
 
 
+class BareBlock(nn.Module):
+    """The cell alone (``config.block="bare"``): no norm, conv, gate or residual around it. Its generation
+    cache holds an empty conv window ``[B, 0, d]``, so :meth:`decode` has :class:`RNNBlock`'s signature."""
+
+    def __init__(self, config: ParaRNNConfig):
+        super().__init__()
+        self.cell = make_cell(config)
+
+    def forward(self, x: Tensor, positions: Tensor | None, reset: Tensor | None,
+                cache: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
+        """The parallel forward; with ``cache`` (the prefill) it keeps the final state there."""
+        if cache is None:
+            return self.cell(x, reset=reset)
+        y, state = self.cell(x, reset=reset, return_state=True)
+        cache.conv_states[layer_idx] = x[:, :0]
+        cache.cell_states[layer_idx] = state.clone()  # a view would keep the whole trajectory alive
+        return y
+
+    def decode(self, x: Tensor, window: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Token by token from the cell state: ``x [B, T, d]`` -> ``(output, window (empty), new state)``."""
+        ys = []
+        for t in range(x.shape[1]):
+            y, state = self.cell.step(x[:, t], state)
+            ys.append(y)
+        return torch.stack(ys, dim=1), window, state
+
+
 class MLPBlock(nn.Module):
     def __init__(self, config: ParaRNNConfig):
         super().__init__()
@@ -151,12 +189,20 @@ class MLPBlock(nn.Module):
 class ParaRNNLayer(GradientCheckpointingLayer):
     def __init__(self, config: ParaRNNConfig):
         super().__init__()
-        self.rnn = RNNBlock(config)
-        self.mlp = MLPBlock(config)
+        self.rnn = BareBlock(config) if config.block == "bare" else RNNBlock(config)
+        self.mlp = MLPBlock(config) if config.block == "lm" else None
 
     def forward(self, x: Tensor, positions: Tensor | None = None, reset: Tensor | None = None,
                 cache_params: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
-        return self.mlp(self.rnn(x, positions, reset, cache_params, layer_idx))
+        """The parallel forward (``cache_params`` empty: the prefill, which fills it), or, with a filled
+        cache, the tokens that follow it one by one (``rnn.decode``)."""
+        if cache_params is not None and cache_params.has_previous_state:
+            window, state = cache_params.conv_states[layer_idx], cache_params.cell_states[layer_idx]
+            x, cache_params.conv_states[layer_idx], cache_params.cell_states[layer_idx] = self.rnn.decode(
+                x, window, state)
+        else:
+            x = self.rnn(x, positions, reset, cache_params, layer_idx)
+        return x if self.mlp is None else self.mlp(x)
 
 
 class ParaRNNCache:
@@ -232,10 +278,13 @@ class ParaRNNModel(ParaRNNPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(ParaRNNLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        bare = config.block == "bare"
+        self.norm = nn.Identity() if bare else nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         for layer in self.layers:
-            layer.rnn.out_proj._is_residual_out = True
-            layer.mlp.down._is_residual_out = True
+            if not bare:
+                layer.rnn.out_proj._is_residual_out = True
+            if layer.mlp is not None:
+                layer.mlp.down._is_residual_out = True
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -243,6 +292,12 @@ class ParaRNNModel(ParaRNNPreTrainedModel):
                 cache_params: ParaRNNCache | None = None) -> Tensor:
         x = self.embed_tokens(input_ids)
         decoding = cache_params is not None and cache_params.has_previous_state
+        if self.config.position_encoding == "sinusoidal":
+            positions = position_ids
+            if positions is None or decoding:
+                start = cache_params.seen_tokens if decoding else 0
+                positions = torch.arange(start, start + input_ids.shape[1], device=x.device).expand_as(input_ids)
+            x = x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
         reset = None if position_ids is None or decoding else position_ids == 0
         for i, layer in enumerate(self.layers):
             x = layer(x, position_ids, reset, cache_params=cache_params, layer_idx=i)
