@@ -28,7 +28,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from eval.downstream import resolve_data_root, resolve_tasks
+from eval.downstream import check_data, quiet_libraries, resolve_data_root, resolve_tasks
 from training.common import REPO_ROOT, ConfigError
 
 CONFIG_DIR = str(REPO_ROOT / "configs" / "eval")
@@ -163,54 +163,77 @@ def run_perplexity(ckpt: Checkpoint, cfg: DictConfig, out_dir: Path, plan: Perpl
     return res
 
 
-def run(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Validate everything, then evaluate each checkpoint; returns the result dicts."""
-    from eval.downstream import run_downstream, summary_table
+@dataclasses.dataclass
+class EvalPlan:
+    """What ``cfg`` asks for, resolved and checked (checkpoints, tasks, data files) before any model loads."""
 
+    checkpoints: list[Checkpoint]
+    preset: str
+    specs: list
+    limit: Any
+    data_root: Path
+    perplexity: dict[str, PerplexityPlan]  # by Checkpoint.given; empty unless perplexity=true
+
+
+def plan(cfg: DictConfig) -> EvalPlan:
+    """Validate everything ``run`` will need; raises :class:`ConfigError` naming the key or path."""
     checkpoints = _plain(cfg.checkpoints)
     if isinstance(checkpoints, str):
         checkpoints = [checkpoints]
     if not checkpoints:
         raise ConfigError("checkpoints: none given (e.g. checkpoints=[runs/my_run])")
     preset, specs, limit = resolve_tasks(_plain(cfg.tasks), cfg.num_fewshot, _plain(cfg.limit))
-    preset = cfg.preset or preset
     data_root = resolve_data_root(cfg.data_root)
+    check_data(data_root, sorted({s.task for s in specs if s.is_local}))
     ckpts = [resolve_checkpoint(c) for c in checkpoints]
     if cfg.tokenizer is not None and not Path(str(cfg.tokenizer)).is_dir():
         raise ConfigError(f"tokenizer: {cfg.tokenizer}: no such directory")
-    plans = {ckpt.given: plan_perplexity(ckpt, cfg) for ckpt in ckpts} if cfg.perplexity else {}
+    perplexity = {ckpt.given: plan_perplexity(ckpt, cfg) for ckpt in ckpts} if cfg.perplexity else {}
+    return EvalPlan(ckpts, cfg.preset or preset, specs, limit, data_root, perplexity)
 
-    results = []
-    for ckpt in ckpts:
-        out_dir = Path(cfg.output_dir) / ckpt.name if cfg.output_dir else ckpt.run_dir / "eval"
-        out_path = out_dir / f"downstream_{preset}.json"
-        log.info("evaluating %s (%s) on %s -> %s", ckpt.given, ckpt.hf_dir, preset, out_path)
-        res = run_downstream(
-            str(ckpt.hf_dir), tokenizer=str(cfg.tokenizer) if cfg.tokenizer else None,
-            tasks=[{"task": s.task, "num_fewshot": s.num_fewshot} for s in specs], limit=limit,
-            batch_size=cfg.batch_size, device=cfg.device, output_path=None, data_root=data_root, hub=bool(cfg.hub),
-            dtype=cfg.dtype, max_length=cfg.max_length, trust_remote_code=bool(cfg.trust_remote_code),
-            seed=int(cfg.seed), log_samples=bool(cfg.log_samples),
-            extra_info={"checkpoint": str(ckpt.hf_dir), "run": run_info(ckpt.run_dir)},
-        )
-        res["preset"] = preset
-        res["eval_config"] = _plain(cfg)
-        if cfg.perplexity:
-            res["perplexity"] = run_perplexity(ckpt, cfg, out_dir, plans[ckpt.given])
-        from eval.downstream import write_json
 
-        write_json(out_path, res)
-        print(f"== {ckpt.given} ({preset}) -> {out_path}")
-        print(summary_table(res))
-        if "perplexity" in res:
-            p = res["perplexity"]
-            print(f"validation loss={p['loss']:.4f} ppl={p['ppl']:.3f} bpb={p['bpb']} tokens={p['tokens']}")
-        results.append(res)
-    return results
+def evaluate(ckpt: Checkpoint, cfg: DictConfig, p: EvalPlan) -> dict[str, Any]:
+    """Downstream tasks (and perplexity) of one checkpoint, loaded once; writes ``downstream_<preset>.json``."""
+    from data.pipeline import load_tokenizer
+    from eval.downstream import run_downstream, summary_table, write_json
+    from eval.perplexity import load_causal_lm
+
+    out_dir = Path(cfg.output_dir) / ckpt.name if cfg.output_dir else ckpt.run_dir / "eval"
+    out_path = out_dir / f"downstream_{p.preset}.json"
+    log.info("%s: downstream %s (%d tasks, limit %s) -> %s", ckpt.given, p.preset, len(p.specs), p.limit, out_path)
+    model = load_causal_lm(ckpt.hf_dir, cfg.dtype, bool(cfg.trust_remote_code))
+    tokenizer = load_tokenizer(str(Path(str(cfg.tokenizer or ckpt.hf_dir)).resolve()))
+    res = run_downstream(
+        model, tokenizer, tasks=[{"task": s.task, "num_fewshot": s.num_fewshot} for s in p.specs], limit=p.limit,
+        batch_size=cfg.batch_size, device=cfg.device, output_path=None, data_root=p.data_root, hub=bool(cfg.hub),
+        max_length=cfg.max_length, seed=int(cfg.seed), log_samples=bool(cfg.log_samples),
+        extra_info={"checkpoint": str(ckpt.hf_dir), "run": run_info(ckpt.run_dir)},
+    )
+    res["preset"] = p.preset
+    res["eval_config"] = _plain(cfg)
+    if cfg.perplexity:
+        plan_ = p.perplexity[ckpt.given]
+        log.info("%s: perplexity (%s, %s)", ckpt.given, plan_.protocol, plan_.data.name)
+        res["perplexity"] = run_perplexity(ckpt, cfg, out_dir, plan_, model=model)
+    write_json(out_path, res)
+    print(f"== {ckpt.given} ({p.preset}) -> {out_path}")
+    print(summary_table(res))
+    if "perplexity" in res:
+        r = res["perplexity"]
+        print(f"perplexity ({r['protocol']}, {r['data']}): loss={r['loss']:.4f} ppl={r['ppl']:.3f} bpb={r['bpb']} "
+              f"tokens={r['tokens']}")
+    return res
+
+
+def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Validate everything, then evaluate each checkpoint; returns the result dicts."""
+    p = plan(cfg)
+    return [evaluate(ckpt, cfg, p) for ckpt in p.checkpoints]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="default")
 def main(cfg: DictConfig) -> None:
+    quiet_libraries()
     try:
         run(cfg)
     except ConfigError as exc:

@@ -602,6 +602,30 @@ def test_main_cli_error_exit(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == expected
 
 
+@pytest.mark.slow
+def test_main_output_is_ours_only(tokenizer, tmp_path):
+    """``eval.main`` on a Mamba2 run with downstream tasks and perplexity prints our lines only: no lm-eval /
+    datasets INFO lines, no progress bars, no transformers "falling back" warnings (issue 14: ~80 lines per
+    model before). Mutation: no ``quiet_libraries()`` in ``eval.main.main`` -> lm-eval lines and bars, fails."""
+    from models.registry import build_model
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    build_model("mamba2", {"hidden_size": 32, "num_hidden_layers": 2, "head_dim": 16, "state_size": 8,
+                           "chunk_size": 8}, len(tokenizer)).save_pretrained(run / "hf")
+    tokenizer.save_pretrained(run / "hf")
+    (run / "config.yaml").write_text("model:\n  arch: mamba2\ndata:\n  name: sotu\n  seq_len: 32\n"
+                                     "  validation_rows: 2\n")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.run([sys.executable, "-m", "eval.main", f"checkpoints=[{run}]", "tasks=smoke", "limit=1",
+                           "perplexity=true"], cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
+    assert len(lines) <= 8, "\n".join(lines)
+    assert "perplexity (packed, sotu)" in proc.stdout and "local_piqa|0" in proc.stdout
+
+
 def test_pararnn_in_process_matches_exported(tokenizer, tmp_path):
     """ParaRNN through the same interface: in-process HFLM == exported dir loaded with trust_remote_code."""
     from models.registry import build_model
