@@ -19,11 +19,11 @@ batch in fp32 through the Triton SSD kernels (``use_triton=True``) and through t
 worst first. Tolerance 1e-2 (Triton's ``tl.dot`` rounds fp32 inputs to TF32: ~1e-3 measured at the
 tiny and small sizes, ``benchmarks/RESULTS.md``).
 
-``--mamba2-init hf|mamba_ssm`` builds Mamba2 with transformers' initialisation (the default; what the
-paper trained) or with mamba-ssm's (the reference implementation's: ``in_proj`` as ``nn.Linear``'s default
-U(±1/√d) instead of N(0, 0.1), embeddings N(0, 0.02) instead of N(0, 0.1), A uniform in [1, 16] instead
-of 1..num_heads); ``--layers N`` / ``--vocab V`` shrink a preset (depth, vocabulary) to fit a smaller
-machine. ``--tiny``: the tiny presets, B2 x T64, on the CPU through Triton's interpreter (a smoke run).
+``--mamba2-init hf|mamba_ssm`` builds Mamba2 with transformers' initialisation (what the paper trained) or
+with mamba-ssm's (``Mamba2DocConfig.init_scheme``: ``in_proj`` U(±1/√d) instead of N(0, 0.1), embeddings
+N(0, 0.02) instead of N(0, 0.1), A in U(1, 16) instead of 1..num_heads); default: the preset's.
+``--layers N`` / ``--vocab V`` shrink a preset (depth, vocabulary) to fit a smaller machine. ``--tiny``: the
+tiny presets, B2 x T64, on the CPU through Triton's interpreter (a smoke run).
 
 Writes ``probe_fit.json`` to ``--out`` and prints a table last.
 """
@@ -50,20 +50,6 @@ from training.optim import build_optimizer  # noqa: E402
 GRAD_TOL = 1e-2
 
 
-def mamba_ssm_init(model, seed: int) -> None:
-    """Re-initialise a Mamba2DocForCausalLM as mamba-ssm initialises Mamba2 (models/mixer_seq_simple.py,
-    modules/mamba2.py): in_proj nn.Linear's default, embeddings N(0, 0.02), A_log = log U(1, 16)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.backbone.embeddings.weight.normal_(0.0, 0.02, generator=gen)
-        for layer in model.backbone.layers:
-            mixer = layer.mixer
-            bound = 1 / math.sqrt(mixer.in_proj.in_features)
-            mixer.in_proj.weight.uniform_(-bound, bound, generator=gen)
-            a = torch.empty(mixer.num_heads).uniform_(1, 16, generator=gen)
-            mixer.A_log.copy_(torch.log(a))
-
-
 def build(name: str, args, device) -> torch.nn.Module:
     preset = load_preset(name)
     config = dict(preset["config"])
@@ -71,11 +57,11 @@ def build(name: str, args, device) -> torch.nn.Module:
         config["num_hidden_layers"] = args.layers
     if args.vocab:
         config.update(vocab_size=args.vocab, bos_token_id=0, eos_token_id=0)
+    if preset["arch"] == "mamba2" and args.mamba2_init:
+        config["init_scheme"] = args.mamba2_init
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = build_model(preset["arch"], config, None if args.vocab else 50257)
-    if preset["arch"] == "mamba2" and args.mamba2_init == "mamba_ssm":
-        mamba_ssm_init(model, args.seed)
     return model, preset
 
 
@@ -158,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, else fp32")
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary (default: the preset's)")
-    ap.add_argument("--mamba2-init", choices=("hf", "mamba_ssm"), default="hf")
+    ap.add_argument("--mamba2-init", choices=("hf", "mamba_ssm"), default=None, help="default: the preset's")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--grad-check", action="store_true", help="also Mamba2's Triton-vs-torch gradients in fp32")
     ap.add_argument("--no-fit", action="store_true", help="only the gradient check")
@@ -172,7 +158,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     print(f"device {device}, {args.precision}, B{args.batch} x T{args.seq}, {args.steps} steps at lr {args.lr}, "
-          f"mamba2 init {args.mamba2_init}" + (f", {args.layers} layers" if args.layers else ""), flush=True)
+          f"mamba2 init {args.mamba2_init or 'of the preset'}" + (f", {args.layers} layers" if args.layers else ""),
+          flush=True)
     results = {"args": vars(args), "fit": [], "grad_check": []}
     for name in args.presets:
         if not args.no_fit:

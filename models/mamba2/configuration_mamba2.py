@@ -10,11 +10,22 @@ The saved ``config.json`` has ``model_type: mamba2``, so an export loads with pl
 * ``tie_word_embeddings=False`` (the paper's models are untied), GPT-2 ``<|endoftext|>`` ids (50256)
   like the ParaRNN config.
 
-One field is ours (plain transformers keeps it as an unused attribute): ``use_triton`` (None = the
-Triton SSD kernels when the activations are on a CUDA device, torch otherwise; True/False force a path).
+Two fields are ours (plain transformers keeps them as unused attributes):
+
+* ``use_triton``: None = the Triton SSD kernels when the activations are on a CUDA device, torch
+  otherwise; True/False force a path.
+* ``init_scheme``: ``"hf"`` = transformers' initialisation (what the paper trained; the paper-size presets),
+  ``"mamba_ssm"`` = mamba-ssm's, the reference implementation's (the comparison presets ``*_tiny``,
+  ``*_125m``). They differ in three places, all by width: ``in_proj`` N(0, 0.1) vs ``nn.Linear``'s U(±1/√d)
+  (7.8× larger at d=2048), embeddings N(0, 0.1) vs N(0, 0.02), A = 1..num_heads vs U(1, 16). With
+  transformers' scales at d=2048, Adam's relative update of ``in_proj`` at a given LR is 7.8× smaller than
+  with mamba-ssm's, and the model fits a repeated batch several times slower than the others
+  (``benchmarks/probe_fit.py``, ``benchmarks/RESULTS.md``); at d=64 the two coincide.
 """
 from huggingface_hub.dataclasses import strict
 from transformers import Mamba2Config
+
+INIT_SCHEMES = ("hf", "mamba_ssm")
 
 
 @strict  # re-derive the field validators from this class's annotations (num_heads may be None here)
@@ -34,8 +45,12 @@ class Mamba2DocConfig(Mamba2Config):
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
     use_triton: bool | None = None
+    init_scheme: str = "hf"
 
     def __post_init__(self, **kwargs):
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"Mamba2DocConfig: init_scheme={self.init_scheme!r} is not one of "
+                             f"{', '.join(INIT_SCHEMES)}")
         if self.num_heads is None:
             if (self.expand * self.hidden_size) % self.head_dim:
                 raise ValueError(f"Mamba2DocConfig: expand·hidden_size={self.expand * self.hidden_size} is not "
