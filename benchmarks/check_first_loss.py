@@ -12,14 +12,16 @@ real data stream (``data.PackedStream``, this rank's share; the embedded corpus 
    ``inv_freq``: not in the state dict, so not broadcast by ``training.distributed.shard``) on every rank;
    the Transformer's ``inv_freq`` also against 1/θ^(2i/d) computed here;
 2. **one process**: rank 0, with its unsharded model, computes the loss of every rank's rows (bf16 autocast
-   on CUDA, as a single-GPU train.py step; fp32 on the CPU);
+   on CUDA, as a single-GPU train.py step; fp32 on the CPU) and the gradient of their mean;
 3. **FSDP2**: ``training.distributed.shard`` (fully_shard per block and root, bf16 compute parameters on
-   CUDA, as ``trainer=fsdp2``), then every rank computes the loss of its rows with gradients on, as
-   train.py's first step does.
+   CUDA, as ``trainer=fsdp2``), then every rank computes the loss of its rows and the backward, as
+   train.py's first step does; every gradient is gathered and compared with the one-process one.
 
 Pass: every rank's FSDP2 loss within the tolerance of the one-process loss of the same rows (fp32: 1e-5
 relative; bf16: 0.05 nats, the difference between bf16 compute parameters and bf16 autocast over fp32
-ones), weights and buffers identical on every rank, and the loss within 0.5 of ln V. Prints a table last;
+ones), every gradient within 1e-4 (fp32) / 5e-2 (bf16) relative norm error, weights and buffers identical
+on every rank, and the loss within 0.5 of ln V. Rank 0 holds the whole fp32 model and its gradient while
+it computes the reference (7B: 56 GB). Prints a table last;
 ``--out DIR`` gets ``check_first_loss.json``; exit status 1 on a failure.
 """
 import argparse
@@ -93,6 +95,7 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(data.tokenizer)
     bf16 = precision == "bf16"
     tol = 0.05 if bf16 else None
+    grad_tol = 5e-2 if bf16 else 1e-4
     results = []
     for name in args.presets:
         start = time.time()
@@ -115,28 +118,40 @@ def main(argv=None) -> int:
         differ = sorted(k for k in prints[0] if any(p[k] != prints[0][k] for p in prints[1:]))
         rope = rope_error(model, model.config)
 
-        # 2. one process: rank 0's unsharded model on every rank's rows
+        # 2. one process: rank 0's unsharded model on every rank's rows; the gradient of their mean
         shares = [None] * world
         dist.all_gather_object(shares, {k: v.cpu() for k, v in batch.items()})
-        single = []
+        single, reference = [], {}
         if rank == 0:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 for share in shares:
                     logits = model(input_ids=share["input_ids"].to(device),
                                    position_ids=share["position_ids"].to(device)).logits
-                    single.append(lm_loss(logits, share["labels"].to(device), 0.0)[0].item())
-                    del logits
+                    loss = lm_loss(logits, share["labels"].to(device), 0.0)[0]
+                    single.append(loss.item())
+                    (loss / world).backward()
+                    del logits, loss
+            reference = {n: p.grad for n, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
         dist.barrier()
 
-        # 3. FSDP2, as train.py's first step (gradients on, no autocast: bf16 compute parameters)
+        # 3. FSDP2, as train.py's first step (no autocast: bf16 compute parameters); gradients averaged over ranks
         model = shard(accelerator, model, t)
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        local = lm_loss(logits, batch["labels"], 0.0)[0].item()
-        del logits
+        loss = lm_loss(logits, batch["labels"], 0.0)[0]
+        loss.backward()
         fsdp = [None] * world
-        dist.all_gather_object(fsdp, local)
+        dist.all_gather_object(fsdp, loss.item())
+        del logits, loss
+        grad_err = {}
+        for pname, param in model.named_parameters():  # collective: every rank gathers every gradient
+            full = param.grad.full_tensor()
+            if rank == 0:
+                ref = reference.pop(pname).double()
+                grad_err[pname] = ((full.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            del full
         vocab = model.config.vocab_size
-        del model
+        del model, reference
         if cuda:
             torch.cuda.empty_cache()
         if rank == 0:
@@ -144,15 +159,17 @@ def main(argv=None) -> int:
             worst = max(abs(a - b) for a, b in zip(fsdp, single))
             limit = tol if tol is not None else 1e-5 * max(single)
             band = (-LN_V_BAND, 1.5) if args.tiny else (-LN_V_BAND, LN_V_BAND)
+            worst_grad = max(grad_err.items(), key=lambda kv: kv[1])
             ok = worst <= limit and not differ and (rope is None or rope < 1e-6) and \
-                all(band[0] <= x - ln_v <= band[1] for x in single)
+                all(band[0] <= x - ln_v <= band[1] for x in single) and worst_grad[1] <= grad_tol
             row = {"preset": name, "arch": preset["arch"], "config": config, "ln_vocab": ln_v, "single": single,
                    "fsdp2": fsdp, "max_abs_diff": worst, "tolerance": limit, "differ_across_ranks": differ,
-                   "rope_rel_err": rope, "pass": ok, "seconds": round(time.time() - start, 1)}
+                   "rope_rel_err": rope, "grad_rel_err": grad_err, "worst_grad": list(worst_grad),
+                   "grad_tolerance": grad_tol, "pass": ok, "seconds": round(time.time() - start, 1)}
             results.append(row)
             print(f"{name}: one process {[round(x, 4) for x in single]}, FSDP2 {[round(x, 4) for x in fsdp]}, "
-                  f"ln V {ln_v:.3f}, ranks differ in {len(differ)} tensors, RoPE err {rope} "
-                  f"-> {'PASS' if ok else 'FAIL'} ({row['seconds']} s)", flush=True)
+                  f"ln V {ln_v:.3f}, ranks differ in {len(differ)} tensors, RoPE err {rope}, worst gradient "
+                  f"{worst_grad[0]} {worst_grad[1]:.1e} -> {'PASS' if ok else 'FAIL'} ({row['seconds']} s)", flush=True)
     if rank == 0:
         if args.out:
             os.makedirs(args.out, exist_ok=True)
@@ -160,11 +177,12 @@ def main(argv=None) -> int:
                 json.dump({"precision": precision, "world_size": world, "seq_len": data.seq_len,
                            "rows_per_rank": rows, "results": results}, f, indent=1)
         print(f"\n{world} processes, {precision}, {rows} rows x {data.seq_len} tokens per rank\n"
-              "| preset | ln V | one process (per rank) | FSDP2 (per rank) | max abs diff | tol | ranks agree | pass |"
-              "\n|---|---|---|---|---|---|---|---|")
+              "| preset | ln V | one process (per rank) | FSDP2 (per rank) | max abs diff (tol) | worst gradient rel "
+              "err (tol) | ranks agree | pass |\n|---|---|---|---|---|---|---|---|")
         for r in results:
             print(f"| {r['preset']} | {r['ln_vocab']:.3f} | {' / '.join(f'{x:.4f}' for x in r['single'])} | "
-                  f"{' / '.join(f'{x:.4f}' for x in r['fsdp2'])} | {r['max_abs_diff']:.2e} | {r['tolerance']:.1e} | "
+                  f"{' / '.join(f'{x:.4f}' for x in r['fsdp2'])} | {r['max_abs_diff']:.2e} ({r['tolerance']:.1e}) | "
+                  f"{r['worst_grad'][1]:.1e} {r['worst_grad'][0]} ({r['grad_tolerance']:.0e}) | "
                   f"{'yes' if not r['differ_across_ranks'] else 'NO'} | {'PASS' if r['pass'] else 'FAIL'} |")
     ok = all(r["pass"] for r in results) if rank == 0 else True
     dist.barrier()
