@@ -14,7 +14,7 @@ at step 1: gradient RMS, weight RMS and the relative size of the first Adam upda
 for a weight followed by a normalisation, how fast the function moves).
 
 **Gradient check** (``--grad-check``, Mamba2 presets): one forward and backward of the same model and
-batch in fp32 through the Triton SSD kernels (``use_triton=True``) and through the torch chunked scan
+``--grad-batch`` rows in fp32 through the Triton SSD kernels (``use_triton=True``) and through the torch chunked scan
 (``use_triton=False``): the logits' and every parameter gradient's relative error ``||a - b|| / ||b||``,
 worst first. Tolerance 1e-2 (Triton's ``tl.dot`` rounds fp32 inputs to TF32: ~1e-3 measured at the
 tiny and small sizes, ``benchmarks/RESULTS.md``).
@@ -112,6 +112,7 @@ def grad_check(name: str, args, device) -> dict:
     model, _ = build(name, args, device)
     model = model.float().train()
     ids, labels, pos = batch(model.config.vocab_size, args, device)
+    ids, labels, pos = ids[:args.grad_batch], labels[:args.grad_batch], pos[:args.grad_batch]
     out = {}
     for path in (True, False):
         for layer in model.backbone.layers:
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mamba2-init", choices=("hf", "mamba_ssm"), default=None, help="default: the preset's")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--grad-check", action="store_true", help="also Mamba2's Triton-vs-torch gradients in fp32")
+    ap.add_argument("--grad-batch", type=int, default=1, help="rows of the gradient check (the torch scan's "
+                    "fp32 intermediates grow with it)")
     ap.add_argument("--no-fit", action="store_true", help="only the gradient check")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)

@@ -63,7 +63,8 @@ class CompareConfig:
     out: str = "runs/compare"
     """Output directory: one run dir per architecture (``<arch>_<size>``), ``logs/``, ``report/``."""
     steps: int | None = None
-    """Training steps of every run (warm-up: a tenth of them); None: the trainer config's max_steps."""
+    """Training steps of every run (warm-up and, unless given, the validation interval: a tenth of them);
+    None: the trainer config's max_steps."""
     tokens: int | None = None
     """Or a token budget per run: steps = tokens / (batch_size x seq_len), as slurm/train_array.sbatch."""
     batch_size: int | None = None
@@ -209,6 +210,9 @@ def plan_runs(cfg: CompareConfig, common: list[str], per_arch: dict[str, list[st
                                       f"{composed.data.seq_len} tokens")
             if steps is not None:
                 base += [f"trainer.max_steps={steps}", f"trainer.warmup_steps={steps // 10}"]
+                given = [o.split("=", 1)[0] for o in [*common, *per_arch[arch]]]
+                if "trainer.val_every" not in given:  # ten points on every validation curve
+                    base.append(f"trainer.val_every={max(1, steps // 10)}")
                 composed = check_train([*base, *per_arch[arch], f"run_dir={run_dir}"])
         except ConfigError as err:
             raise ConfigError(f"{arch}: {err}") from None
