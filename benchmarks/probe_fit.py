@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Can each architecture fit one batch? The repeated-batch probe, and Mamba2's Triton-vs-torch gradients.
 
-    python benchmarks/probe_fit.py --presets mamba2_1b transformer_1b paragru_1b --out $OUT     # one H200, ~3 min
-    python benchmarks/probe_fit.py --presets mamba2_1b --grad-check --layers 8 --out $OUT
+    python benchmarks/probe_fit.py --presets mamba2_1b transformer_1b paragru_1b --mamba2-init hf mamba_ssm --out $OUT
+    python benchmarks/probe_fit.py --presets mamba2_1b --grad-check --no-fit --layers 8 --out $OUT
     TRITON_INTERPRET=1 python benchmarks/probe_fit.py --tiny --out /tmp/probe                  # CPU, ~1 min
 
 **Fit** (every preset): the same batch of random tokens (B x T, one document per row, seeded) for
@@ -14,12 +14,12 @@ at step 1: gradient RMS, weight RMS and the relative size of the first Adam upda
 for a weight followed by a normalisation, how fast the function moves).
 
 **Gradient check** (``--grad-check``, Mamba2 presets): one forward and backward of the same model and
-``--grad-batch`` rows in fp32 through the Triton SSD kernels (``use_triton=True``) and through the torch chunked scan
-(``use_triton=False``): the logits' and every parameter gradient's relative error ``||a - b|| / ||b||``,
+``--grad-batch`` rows in fp32 through the Triton SSD kernels (``use_triton=True``) and through the torch
+chunked scan (``use_triton=False``): the logits' and every parameter gradient's relative error ``||a - b|| / ||b||``,
 worst first. Tolerance 1e-2 (Triton's ``tl.dot`` rounds fp32 inputs to TF32: ~1e-3 measured at the
 tiny and small sizes, ``benchmarks/RESULTS.md``).
 
-``--mamba2-init hf|mamba_ssm`` builds Mamba2 with transformers' initialisation (what the paper trained) or
+``--mamba2-init hf mamba_ssm`` fits Mamba2 with transformers' initialisation (what the paper trained) and
 with mamba-ssm's (``Mamba2DocConfig.init_scheme``: ``in_proj`` U(±1/√d) instead of N(0, 0.1), embeddings
 N(0, 0.02) instead of N(0, 0.1), A in U(1, 16) instead of 1..num_heads); default: the preset's.
 ``--layers N`` / ``--vocab V`` shrink a preset (depth, vocabulary) to fit a smaller machine. ``--tiny``: the
@@ -50,15 +50,15 @@ from training.optim import build_optimizer  # noqa: E402
 GRAD_TOL = 1e-2
 
 
-def build(name: str, args, device) -> torch.nn.Module:
+def build(name: str, args, device, init: str | None = None) -> torch.nn.Module:
     preset = load_preset(name)
     config = dict(preset["config"])
     if args.layers:
         config["num_hidden_layers"] = args.layers
     if args.vocab:
         config.update(vocab_size=args.vocab, bos_token_id=0, eos_token_id=0)
-    if preset["arch"] == "mamba2" and args.mamba2_init:
-        config["init_scheme"] = args.mamba2_init
+    if preset["arch"] == "mamba2" and init:
+        config["init_scheme"] = init
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = build_model(preset["arch"], config, None if args.vocab else 50257)
@@ -71,8 +71,10 @@ def batch(vocab: int, args, device):
     return tokens[:, :-1], tokens[:, 1:], torch.arange(args.seq, device=device).expand(args.batch, -1)
 
 
-def fit(name: str, args, device) -> dict:
-    model, preset = build(name, args, device)
+def fit(name: str, args, device, init: str | None = None) -> dict:
+    model, preset = build(name, args, device, init)
+    if init:
+        name = f"{name} (init {init})"
     model.train()
     ids, labels, pos = batch(model.config.vocab_size, args, device)
     optimizer = build_optimizer(model, args.lr, preset["weight_decay"], (0.9, 0.95), 1e-8)
@@ -107,9 +109,9 @@ def fit(name: str, args, device) -> dict:
             "first_step": first}
 
 
-def grad_check(name: str, args, device) -> dict:
+def grad_check(name: str, args, device, init: str | None = None) -> dict:
     """fp32 forward + backward, Triton SSD vs torch chunked scan, same weights and batch."""
-    model, _ = build(name, args, device)
+    model, _ = build(name, args, device, init)
     model = model.float().train()
     ids, labels, pos = batch(model.config.vocab_size, args, device)
     ids, labels, pos = ids[:args.grad_batch], labels[:args.grad_batch], pos[:args.grad_batch]
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, else fp32")
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary (default: the preset's)")
-    ap.add_argument("--mamba2-init", choices=("hf", "mamba_ssm"), default=None, help="default: the preset's")
+    ap.add_argument("--mamba2-init", nargs="+", choices=("hf", "mamba_ssm"), default=None,
+                    help="one fit per scheme (default: the preset's)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--grad-check", action="store_true", help="also Mamba2's Triton-vs-torch gradients in fp32")
     ap.add_argument("--grad-batch", type=int, default=1, help="rows of the gradient check (the torch scan's "
@@ -165,10 +168,11 @@ def main(argv=None) -> int:
           flush=True)
     results = {"args": vars(args), "fit": [], "grad_check": []}
     for name in args.presets:
-        if not args.no_fit:
-            results["fit"].append(fit(name, args, device))
+        inits = (args.mamba2_init or [None]) if load_preset(name)["arch"] == "mamba2" else [None]
+        for init in inits if not args.no_fit else []:
+            results["fit"].append(fit(name, args, device, init))
         if args.grad_check and load_preset(name)["arch"] == "mamba2":
-            results["grad_check"].append(grad_check(name, args, device))
+            results["grad_check"].append(grad_check(name, args, device, inits[0]))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.out:
