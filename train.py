@@ -2,101 +2,196 @@
 
     python train.py                                   # the default: a tiny ParaGRU on the embedded corpus
     python train.py model=paralstm_tiny trainer.max_steps=50 run_dir=runs/lstm
+    python train.py --help                            # every key, its default and what it does
     accelerate launch --multi_gpu --num_processes 8 train.py model=paragru_1b data=slimpajama trainer=fsdp2
 
-Everything a run writes goes under ``run_dir``: the resolved config, ``metrics.jsonl``, checkpoints,
-the HF export (``hf/``) and ``summary.json``. Re-running with the same ``run_dir`` resumes from the
-newest complete checkpoint, exactly (same data, same RNG, same optimizer state).
+Read top to bottom: the config (checked before anything is created) -> the data source -> the model ->
+``train_step`` (one optimizer step) -> the run's health checks -> ``train`` (set-up, the loop: log,
+validate, checkpoint, stop on a signal; then the final validation and the export) -> ``main``.
+
+Everything a run writes goes under ``run_dir``: the resolved ``config.yaml``, ``train.log``,
+``metrics.jsonl``, ``checkpoints/``, the HF export ``hf/`` and ``summary.json``. Re-running with the same
+``run_dir`` resumes from the newest complete checkpoint, exactly (same data, same RNG, same optimizer).
 """
+import json
+import logging
+import math
 import os
+import shlex
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from accelerate.utils import set_seed
+from tqdm import tqdm
 
-from training.config import REPO_ROOT, ConfigError, ModelConfig, TrainerConfig, WandbConfig, check_trainer, to_dataclass
-from training.preemption import EXIT_REQUEUE, Preempted, Preemption
+from data import PackedStream, load_tokenizer, token_byte_lengths, validation_batches
+from eval.export import export_hf
+from eval.perplexity import evaluate_perplexity
+from training.checkpoint import Checkpointer
+from training.common import REPO_ROOT, ConfigError
+from training.config import DataConfig, JobConfig, TrainerConfig, compose
+from training.distributed import make_accelerator, prepare, shard, sharded_state
+from training.loss import lm_loss
+from training.memory import GiB, available_bytes, estimate_bytes, peak_memory
+from training.metrics import MetricsLogger, close_logging, log_to_file, setup_logging
+from training.optim import build_optimizer, build_scheduler
+from training.preemption import EXIT_REQUEUE, Preemption
+from training.run_dir import check_resume, save_config
+from training.sequence_parallel import setup as setup_sequence_parallel
 
-CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_coef: float):
-    """Mean next-token cross-entropy and the z-loss ``z_coef · mean(logsumexp(logits)²)`` (PaLM/DCLM)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    ce = -logp.gather(-1, labels.unsqueeze(-1)).mean()
-    # logsumexp recovered from any one column: one softmax pass serves both terms.
-    lse = logits[..., 0].float() - logp[..., 0]
-    return ce, z_coef * lse.square().mean()
-
-
-def make_accelerator(t: TrainerConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    use_cuda = torch.cuda.is_available() and t.device != "cpu"
-    if t.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is available")
-    precision = ("bf16" if use_cuda else "fp32") if t.precision == "auto" else t.precision
-    kwargs = {}
-    if not use_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # accelerate leaves the backend unset without CUDA; several CPU processes need gloo.
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    from training.distributed import strategy_plugins
-
-    # cpu=True would make accelerate ignore the DeepSpeed plugin; without CUDA the device is the CPU anyway.
-    cpu = not use_cuda and t.strategy != "deepspeed"
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no",
-                       gradient_accumulation_steps=t.grad_accum, **strategy_plugins(t), **kwargs)
+log = logging.getLogger("train")
+LONG_RUN_S = 600  # an ETA above this gets a hint on how to shorten the run
 
 
-class Run:
-    """The resolved pieces of one training run (built and checked before any heavy work)."""
-
-    def __init__(self, cfg: DictConfig):
-        from data.pipeline import DataConfig
-
-        self.cfg = cfg
-        if not cfg.get("run_dir"):
-            raise ConfigError("run_dir must be set")
-        self.run_dir = os.path.abspath(str(cfg.run_dir))
-        self.model = to_dataclass(ModelConfig, cfg.model, "model")
-        self.trainer = to_dataclass(TrainerConfig, cfg.trainer, "trainer")
-        self.wandb = to_dataclass(WandbConfig, cfg.get("wandb"), "wandb")
-        self.data = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True)).validate()
-        self.lr = self.trainer.lr if self.trainer.lr is not None else self.model.lr
-        wd = self.trainer.weight_decay
-        self.weight_decay = wd if wd is not None else self.model.weight_decay
+# ------------------------------------------------------------------------------------------------
+# Config: composed by Hydra, typed and checked (training/config.py) before anything is created
+# ------------------------------------------------------------------------------------------------
+def load_job(overrides: list[str]) -> JobConfig:
+    """The run's config: configs/config.yaml with the command-line overrides, checked. Relative paths are
+    taken from the current directory and made absolute; run_dir defaults to runs/<model.name>."""
+    job = JobConfig.from_dict(compose(JobConfig, str(REPO_ROOT / "configs"), "config", overrides))
+    job.data = job.data.absolute()
+    job.run_dir = os.path.abspath(os.path.expanduser(job.run_dir or os.path.join("runs", job.model.name)))
+    return job
 
 
-def build_model(run: Run, vocab_size: int):
+def check_memory(job: JobConfig, model: torch.nn.Module, device: torch.device, micro_batch: int, world_size: int,
+                 bf16: bool) -> None:
+    """Refuse a run whose memory floor (training/memory.py) exceeds the free memory, in one line."""
+    t = job.trainer
+    if not t.memory_check:
+        return
+    free, where = available_bytes(device)
+    parts = estimate_bytes(params=sum(p.numel() for p in model.parameters()), vocab=model.config.vocab_size,
+                           hidden=model.config.hidden_size, layers=model.config.num_hidden_layers,
+                           micro_batch=micro_batch, seq_len=job.data.seq_len, arch=job.model.arch, bf16=bf16,
+                           strategy=t.strategy, zero_stage=t.zero_stage, world_size=world_size,
+                           gradient_checkpointing=t.gradient_checkpointing)
+    need = sum(parts.values())
+    if need > free:
+        detail = " + ".join(f"{name} {size / GiB:.1f}" for name, size in parts.items())
+        raise ConfigError(f"memory: this run needs at least {need / GiB:.1f} GiB per process ({detail}; micro-batch "
+                          f"{micro_batch} x data.seq_len={job.data.seq_len}) but {free / GiB:.1f} GiB is {where}: "
+                          f"lower data.seq_len or trainer.batch_size (or raise trainer.grad_accum); "
+                          f"trainer.memory_check=false skips this check")
+
+
+def open_run_dir(run_dir: str) -> None:
+    """Create run_dir and make sure it can be written; one line naming it if not."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write_test_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"run_dir={run_dir}: cannot write there ({err.strerror})") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: the one seam between the data config and the loop
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class DataSource:
+    """What the loop needs from the data, whatever produces it."""
+
+    train: Iterator[dict[str, torch.Tensor]]
+    """Endless micro-batches of this rank ({input_ids, labels, position_ids} [b, T]; label -100 is not
+    scored), with state_dict() / load_state_dict(), so a resumed run continues with the next unseen row."""
+    validation: list[dict[str, torch.Tensor]]
+    """This rank's validation batches, the same at every validation."""
+    vocab_size: int
+    """Token ids the model must cover (the model pads it to a multiple of 64)."""
+    byte_lengths: torch.Tensor | None = None
+    """UTF-8 bytes of each token id, for bits per byte; None: no bits per byte."""
+    tokenizer: Any = None
+    """Saved with the HF export; None when the data has no tokenizer."""
+    val_metrics: Callable[..., dict] | None = None
+    """Extra validation metrics, ``(model, batches, device) -> dict`` (e.g. a synthetic task's accuracy)."""
+
+
+def build_data(cfg: DataConfig, micro_batch: int, val_batches: int, rank: int, world_size: int) -> DataSource:
+    """Text corpora: the tokenizer, the packed training stream and the packed validation rows. Another kind
+    of source (e.g. a synthetic task: vocabulary from the task, no tokenizer, accuracy in validation) adds
+    its branch here and returns a DataSource."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    return DataSource(
+        train=PackedStream(cfg, tokenizer, micro_batch, rank, world_size),
+        validation=validation_batches(cfg, tokenizer, micro_batch, rank, world_size)[:val_batches],
+        vocab_size=len(tokenizer), byte_lengths=token_byte_lengths(tokenizer), tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+def build_model(job: JobConfig, vocab_size: int, device: torch.device | str) -> torch.nn.Module:
+    """The model of ``model.arch`` / ``model.config`` on ``device`` ("meta": shapes only)."""
+    # transformers, the slowest import of a run, comes with models/: after the config checks.
     from models.registry import build_model as build
 
-    try:  # unknown arch, a bad config key, a vocab smaller than the tokenizer's: one line naming the key
-        return build(run.model.arch, run.model.config, vocab_size)
+    try:  # a bad config key, a vocab smaller than the data's: one line naming the key
+        with torch.device(device):
+            return build(job.model.arch, job.model.config, vocab_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
-def validate(accelerator, model, batches, byte_lengths) -> dict:
-    """Validation loss, perplexity and bits per byte over all ranks' shares of the validation rows."""
-    from eval.perplexity import evaluate_perplexity
-
-    result = evaluate_perplexity(model, batches, byte_lengths, device=accelerator.device)
-    return {"val_loss": result["loss"], "val_ppl": result["ppl"], "val_bpb": result["bpb"],
-            "val_tokens": result["tokens"]}
-
-
-class NonFiniteLoss(RuntimeError):
-    """Too many non-finite losses in a row (``trainer.max_nonfinite_steps``)."""
+def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, all but the input and output embeddings)."""
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                  for p in m.parameters()}
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if id(p) not in embeddings)
 
 
+def validate(model, data: DataSource, device) -> dict:
+    """Validation loss, perplexity and bits per byte over all ranks' shares of the validation rows (and
+    the data source's own metrics)."""
+    result = evaluate_perplexity(model, data.validation, data.byte_lengths, device=device)
+    metrics = {"val_loss": result["loss"], "val_ppl": result["ppl"], "val_bpb": result["bpb"],
+               "val_tokens": result["tokens"]}
+    if data.val_metrics is not None:
+        metrics.update(data.val_metrics(model, data.validation, device))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# One optimizer step
+# ------------------------------------------------------------------------------------------------
+def train_step(model, optimizer, accelerator, batches: list[dict], t: TrainerConfig) -> dict:
+    """Forward, loss and backward over the micro-batches of one optimizer step, then clip and update. A
+    step whose loss or gradient norm is not finite makes no update (``finite`` False). Returns the loss
+    and z-loss (means over micro-batches and ranks) and the gradient norm before clipping."""
+    sums = torch.zeros(2, device=accelerator.device)  # cross-entropy, z-loss
+    for batch in batches:
+        with accelerator.accumulate(model):
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+            ce, z = lm_loss(logits, batch["labels"], t.z_loss)
+            accelerator.backward(ce + z)
+            sums += torch.stack([ce.detach(), z.detach()])
+            if accelerator.sync_gradients:  # the last micro-batch: the gradients are complete
+                loss, z_loss = accelerator.reduce(sums / len(batches), reduction="mean").tolist()
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.grad_clip))
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "z_loss": z_loss, "grad_norm": grad_norm, "finite": finite}
+
+
+# ------------------------------------------------------------------------------------------------
+# Run health: progress counters, and stopping a run that cannot go on
+# ------------------------------------------------------------------------------------------------
 class TrainState:
     """Progress counters saved with every checkpoint (registered with accelerate as a custom object)."""
 
     def __init__(self):
-        self.step, self.tokens, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0, 0
+        self.step, self.tokens = 0, 0
+        self.nonfinite_in_row, self.nonfinite_total, self.stalled_in_row = 0, 0, 0
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -105,168 +200,238 @@ class TrainState:
         vars(self).update(state)
 
 
-def train(cfg: DictConfig) -> dict:
-    from accelerate.utils import set_seed
-    from tqdm import tqdm
+class TrainingFailed(RuntimeError):
+    """The run cannot go on: non-finite losses, or no progress, for too many steps in a row."""
 
-    from data import PackedStream, load_tokenizer, token_byte_lengths, validation_batches
-    from eval.export import export_hf
-    from training.checkpoint import Checkpointer
-    from training.distributed import peak_memory, prepare, shard, sharded_state
-    from training.metrics import MetricsLogger
-    from training.optim import build_optimizer, build_scheduler
 
-    run = Run(cfg)
-    t = run.trainer
+def check_health(state: TrainState, step: dict, t: TrainerConfig, chance_loss: float, lr: float) -> None:
+    """Count non-finite and stalled steps in a row; raise :class:`TrainingFailed` at the limits. A step
+    stalls when its gradient norm is exactly 0, or, after warm-up, when its loss is within 1e-3 of
+    ``chance_loss`` = ln(vocabulary), what uniform predictions score (a healthy run is there only at
+    initialisation)."""
+    if not step["finite"]:
+        state.nonfinite_in_row += 1
+        state.nonfinite_total += 1
+        if state.nonfinite_in_row >= t.max_nonfinite_steps:
+            raise TrainingFailed(f"stopping at step {state.step}: {state.nonfinite_in_row} non-finite losses or "
+                                 f"gradient norms in a row (lower the learning rate, now {lr:g}, or check the data)")
+        return
+    state.nonfinite_in_row = 0
+    at_chance = state.step > t.warmup_steps and abs(step["loss"] - chance_loss) < 1e-3
+    state.stalled_in_row = state.stalled_in_row + 1 if step["grad_norm"] == 0.0 or at_chance else 0
+    if t.max_stalled_steps and state.stalled_in_row >= t.max_stalled_steps:
+        why = ("the gradient norm is exactly 0" if step["grad_norm"] == 0.0 else
+               f"the loss stays at {step['loss']:.4f} = ln(vocabulary), what uniform predictions score")
+        raise TrainingFailed(f"stopping at step {state.step}: no progress in {state.stalled_in_row} steps in a row "
+                             f"({why}); the learning rate ({lr:g}) is probably too high, or the data broken "
+                             f"(trainer.max_stalled_steps={t.max_stalled_steps} sets the limit, 0 disables it)")
+
+
+class Progress:
+    """The progress bar, the throughput, and the ETA: measured from the end of the first step (start-up
+    and the first step's one-time costs do not count), printed once after three more steps with a hint
+    when the run is long, and shown in every loss line."""
+
+    def __init__(self, start: int, max_steps: int, tokens_per_step: int, enabled: bool):
+        self.bar = tqdm(total=max_steps, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
+        self.first, self.max_steps, self.tokens_per_step = start + 1, max_steps, tokens_per_step
+        self.first_done, self.step = None, start
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def update(self, step: int) -> None:
+        self.bar.update(1)
+        self.step, self.window_steps = step, self.window_steps + 1
+        if step == self.first:
+            self.first_done = time.perf_counter()
+        if step - self.first == 3 and step < self.max_steps:
+            eta = self.eta()
+            hint = f"; to make it shorter, lower trainer.max_steps (now {self.max_steps})" if eta > LONG_RUN_S else ""
+            log.info(f"ETA {duration(eta)} for the remaining {self.max_steps - step} steps "
+                     f"({(time.perf_counter() - self.first_done) / 3:.2f} s/step){hint}")
+
+    def eta(self) -> float | None:
+        timed = self.step - self.first
+        if not timed:
+            return None
+        return (time.perf_counter() - self.first_done) / timed * (self.max_steps - self.step)
+
+    def tokens_per_s(self) -> float:
+        """Since the previous call."""
+        now = time.perf_counter()
+        rate = self.window_steps * self.tokens_per_step / (now - self.window_start)
+        self.window_start, self.window_steps = now, 0
+        return rate
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+def train(job: JobConfig, command: str) -> int:
+    """Set up, train, validate and export; returns the exit code (``EXIT_REQUEUE`` after a signal)."""
+    t = job.trainer
+    t.micro_batch(int(os.environ.get("WORLD_SIZE", "1")))  # a batch that does not divide: before any work
+
+    # ---- Set-up that writes nothing, so that a refused run leaves run_dir as it was: the check that the
+    # request can resume the run already in run_dir, accelerator, data, model shapes, memory pre-flight ----
+    requested = job.to_dict()
+    changes = check_resume(job.run_dir, requested)  # a change the checkpoints cannot follow: ConfigError
     accelerator = make_accelerator(t)
-    check_trainer(t, accelerator.num_processes)
-    main = accelerator.is_main_process
-    micro_batch = t.batch_size // (t.grad_accum * accelerator.num_processes)
-    os.makedirs(run.run_dir, exist_ok=True)
-    if main:
-        OmegaConf.save(cfg, os.path.join(run.run_dir, "config.yaml"), resolve=True)
-    set_seed(cfg.seed)
+    main_process, world_size = accelerator.is_main_process, accelerator.num_processes
+    micro_batch = t.micro_batch(world_size)
+    # Sequence parallelism: the ranks of a group read the same rows and each keeps its slice of time steps.
+    sp = setup_sequence_parallel(t.sequence_parallel, accelerator.process_index, world_size)
+    data = build_data(job.data, micro_batch, t.val_batches, sp.dp_rank, sp.dp_size)
+    data.validation = [sp.shard(b) for b in data.validation]
+    shapes = build_model(job, data.vocab_size, "meta")
+    check_memory(job, shapes, accelerator.device, micro_batch, world_size, accelerator.mixed_precision == "bf16")
 
-    tokenizer = load_tokenizer(run.data.tokenizer)
-    with torch.device(accelerator.device):
-        model = build_model(run, len(tokenizer))
+    # ---- From here on the run exists: run_dir, train.log, config.yaml ----
+    open_run_dir(job.run_dir)
+    if main_process:
+        log_to_file(os.path.join(job.run_dir, "train.log"))
+        save_config(job.run_dir, requested, changes)
+
+    # ---- Model, optimizer, schedule, checkpoints; resume ----
+    set_seed(job.seed)
+    model = build_model(job, data.vocab_size, accelerator.device)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    n_params = sum(p.numel() for p in model.parameters())
+    if sp.size > 1:
+        model.set_sequence_parallel(sp.group)
+    n_params, n_non_embedding = param_counts(model)
+    chance_loss = math.log(model.config.vocab_size)
+    tracks_residual = hasattr(model, "track_newton_residual")
+    raw_model = model
     model = shard(accelerator, model, t)  # FSDP2: fully_shard per block + root; other strategies: as is
-    optimizer = build_optimizer(model, run.lr, run.weight_decay, t.betas, t.eps)
+    optimizer = build_optimizer(model, job.lr, job.weight_decay, t.betas, t.eps)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-    stream = PackedStream(run.data, tokenizer, micro_batch, accelerator.process_index, accelerator.num_processes)
-    val_batches = validation_batches(run.data, tokenizer, micro_batch, accelerator.process_index,
-                                     accelerator.num_processes)[: t.val_batches]
-    byte_lengths = token_byte_lengths(tokenizer)
-
     model, optimizer = prepare(accelerator, model, optimizer, t, micro_batch)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
-    checkpointer = Checkpointer(accelerator, os.path.join(run.run_dir, "checkpoints"), t.keep_last,
+    checkpointer = Checkpointer(accelerator, os.path.join(job.run_dir, "checkpoints"), t.keep_last,
                                 sharded=sharded_state(model, optimizer, t))
     latest = checkpointer.latest()
     if latest:
-        checkpointer.load(latest, stream)
-        accelerator.print(f"resumed from {latest} (step {state.step}, {state.tokens:,} tokens)")
-    logger = MetricsLogger(run.run_dir, main, run.wandb, OmegaConf.to_container(cfg, resolve=True), state.step)
-    raw_model = accelerator.unwrap_model(model)
-    tracks_residual = hasattr(raw_model, "track_newton_residual")
-    tokens_per_step = t.batch_size * run.data.seq_len
+        checkpointer.load(latest, data.train)
+        scheduler.last_epoch -= 1  # the loaded optimizer holds the old schedule's lr; take this step's from the
+        scheduler.step()           # current one (trainer.max_steps may have changed: training/run_dir.py)
+        log.info(f"resumed from {latest} (step {state.step}, {state.tokens:,} tokens)")
+    metrics = MetricsLogger(job.run_dir, main_process, job.wandb, job.to_dict(), state.step)
 
+    tokens_per_step = t.batch_size * job.data.seq_len
+    log.info(f"model    {job.model.name} ({job.model.arch}): {n_params / 1e6:.1f}M parameters, "
+             f"{n_non_embedding / 1e6:.2f}M without the embeddings")
+    log.info(f"data     {job.data.name}: {tokens_per_step:,} tokens per step ({t.batch_size} x {job.data.seq_len}), "
+             f"{tokens_per_step * t.max_steps:,} in {t.max_steps} steps")
+    precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
+    log.info(f"trainer  {accelerator.device.type}, {precision}, strategy "
+             f"{t.strategy}, world size {world_size}, lr {job.lr:g} (warm-up {t.warmup_steps} steps, cosine)")
+    log.info(f"run_dir  {job.run_dir}" + (f" (resuming at step {state.step})" if latest else ""))
+
+    # ---- The loop ----
     preemption = Preemption()  # SIGTERM / SIGUSR1: checkpoint at the end of the current step, then stop
-    progress = tqdm(total=t.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    progress = Progress(state.step, t.max_steps, tokens_per_step, main_process)
     model.train()
-    window_start, window_tokens = time.perf_counter(), 0
-    while state.step < t.max_steps:
-        log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
-        if tracks_residual:
-            raw_model.track_newton_residual(log_now)
-        ce_sum = torch.zeros((), device=accelerator.device)
-        z_sum = torch.zeros((), device=accelerator.device)
-        grad_norm = None
-        for _ in range(t.grad_accum):
-            batch = {k: v.to(accelerator.device) for k, v in next(stream).items()}
-            with accelerator.accumulate(model):
-                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-                ce, z = lm_loss(logits, batch["labels"], t.z_loss)
-                accelerator.backward(ce + z)
-                ce_sum += ce.detach()
-                z_sum += z.detach()
-                if accelerator.sync_gradients:
-                    loss = accelerator.reduce(ce_sum / t.grad_accum, reduction="mean")
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                    if torch.isfinite(loss) and torch.isfinite(torch.as_tensor(grad_norm)):
-                        optimizer.step()
-                        state.nonfinite_in_row = 0
-                    else:
-                        state.nonfinite_in_row += 1
-                        state.nonfinite_total += 1
-                    optimizer.zero_grad(set_to_none=True)
-        if state.nonfinite_in_row >= t.max_nonfinite_steps:
-            raise NonFiniteLoss(f"stopping: {state.nonfinite_in_row} non-finite losses in a row at step {state.step} "
-                                f"(lower the learning rate or check the data)")
-        scheduler.step()
-        state.step += 1
-        state.tokens += tokens_per_step
-        window_tokens += tokens_per_step
-        progress.update(1)
-
-        if log_now:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": state.step, "tokens": state.tokens, "loss": loss.item(),
-                      "z_loss": accelerator.reduce(z_sum / t.grad_accum, reduction="mean").item(),
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_s": window_tokens / elapsed, "nonfinite_steps": state.nonfinite_total,
-                      **peak_memory(accelerator.device)}
-            residual = raw_model.newton_residual() if tracks_residual else None
-            if residual is not None:
-                record["newton_residual"] = accelerator.reduce(residual.float(), reduction="max").item()
-            logger.log(record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
-        if state.step % t.val_every == 0 or state.step == t.max_steps:
-            metrics = validate(accelerator, model, val_batches, byte_lengths)
-            logger.log({"split": "validation", "step": state.step, "tokens": state.tokens, **metrics})
-            progress.write(f"step {state.step}: val_loss {metrics['val_loss']:.4f} ppl {metrics['val_ppl']:.2f}")
-        stop = preemption.requested(accelerator.device)  # collective: every rank stops after the same step
-        if stop or state.step % t.ckpt_every == 0 or state.step == t.max_steps:
-            checkpointer.save(state.step, stream.state_dict())
-        if stop:
-            logger.close()
-            raise Preempted(f"stopped by a signal after step {state.step}; checkpoint written, re-run to resume")
-    progress.close()
-    preemption.close()
-    if tracks_residual:
-        raw_model.track_newton_residual(False)
-
-    final = validate(accelerator, model, val_batches, byte_lengths)
-    summary = {"model": run.model.name, "arch": run.model.arch, "params": n_params, "step": state.step,
-               "tokens": state.tokens, **final, "run_dir": run.run_dir, "strategy": t.strategy,
-               "world_size": accelerator.num_processes}
-    hf_dir = os.path.join(run.run_dir, "hf")
-    export_hf(accelerator, model, tokenizer, hf_dir)
-    if main:
-        summary["hf"] = hf_dir
-        summary["tokens_per_s"] = _mean_tokens_per_s(logger.path)
-        import json
-
-        with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-    logger.close()
-    accelerator.wait_for_everyone()
-    return summary
-
-
-def _mean_tokens_per_s(metrics_path: str):
-    import json
-
-    if not os.path.exists(metrics_path):
-        return None
-    with open(metrics_path) as f:
-        rates = [r["tokens_per_s"] for r in map(json.loads, f) if "tokens_per_s" in r]
-    return sum(rates) / len(rates) if rates else None
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+    stopped = False
     try:
-        summary = train(cfg)
+        while state.step < t.max_steps and not stopped:
+            log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
+            if tracks_residual:
+                raw_model.track_newton_residual(log_now)
+            batches = [{k: v.to(accelerator.device) for k, v in sp.shard(next(data.train)).items()}
+                       for _ in range(t.grad_accum)]
+            step = train_step(model, optimizer, accelerator, batches, t)
+            scheduler.step()
+            state.step += 1
+            state.tokens += tokens_per_step
+            progress.update(state.step)
+            check_health(state, step, t, chance_loss, job.lr)
+
+            if log_now:
+                record = {"step": state.step, "tokens": state.tokens, "loss": step["loss"], "z_loss": step["z_loss"],
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": step["grad_norm"],
+                          "tokens_per_s": progress.tokens_per_s(), "nonfinite_steps": state.nonfinite_total,
+                          **peak_memory(accelerator.device)}
+                residual = raw_model.newton_residual() if tracks_residual else None
+                if residual is not None:
+                    record["newton_residual"] = accelerator.reduce(residual.float(), reduction="max").item()
+                if tracks_residual:  # chains Newton left unconverged and the cells re-solved exactly, since the start
+                    fallbacks = torch.as_tensor(raw_model.newton_fallbacks(), device=accelerator.device)
+                    record["newton_fallbacks"] = int(accelerator.reduce(fallbacks, reduction="sum").item())
+                metrics.log(record)
+                eta = progress.eta()
+                log.info(f"step {state.step}/{t.max_steps}  loss {step['loss']:.4f}  lr {record['lr']:.2e}  grad_norm "
+                         f"{step['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
+                         + (f"  eta {duration(eta)}" if eta is not None else ""))
+                progress.bar.set_postfix(loss=f"{step['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if state.step % t.val_every == 0 or state.step == t.max_steps:
+                result = validate(model, data, accelerator.device)
+                metrics.log({"split": "validation", "step": state.step, "tokens": state.tokens, **result})
+                log.info(f"step {state.step}/{t.max_steps}  validation loss {result['val_loss']:.4f}  ppl "
+                         f"{result['val_ppl']:.2f}" + (f"  bpb {result['val_bpb']:.4f}" if result["val_bpb"] else ""))
+            stopped = preemption.requested(accelerator.device)  # collective: every rank stops after the same step
+            if stopped or state.step % t.ckpt_every == 0 or state.step == t.max_steps:
+                log.info(f"checkpoint {checkpointer.save(state.step, data.train.state_dict())}")
+    finally:
+        progress.bar.close()
+        preemption.close()
+        metrics.close()
+        if tracks_residual:
+            raw_model.track_newton_residual(False)
+    if stopped:
+        log.info(f"stopped after step {state.step}; checkpoint written; re-run the same command ({command}) to "
+                 f"resume from step {state.step}")
+        return EXIT_REQUEUE
+
+    # ---- Final validation, export, summary ----
+    final = validate(model, data, accelerator.device)
+    summary = {"model": job.model.name, "arch": job.model.arch, "params": n_params, "step": state.step,
+               "tokens": state.tokens, **final, "run_dir": job.run_dir, "strategy": t.strategy,
+               "world_size": world_size, "sequence_parallel": sp.size}
+    hf_dir = os.path.join(job.run_dir, "hf")
+    export_hf(accelerator, model, data.tokenizer, hf_dir)
+    if main_process:
+        summary.update(hf=hf_dir, tokens_per_s=metrics.mean_tokens_per_s())
+        with open(os.path.join(job.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        log.info(f"validation loss {final['val_loss']:.4f}  perplexity {final['val_ppl']:.2f}"
+                 + (f"  bits/byte {final['val_bpb']:.4f}" if final["val_bpb"] else "")
+                 + f"  ({state.tokens:,} tokens, {n_params:,} params)")
+        log.info(f"outputs: {job.run_dir}  (train.log, metrics.jsonl, checkpoints/, hf/, summary.json)")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python train.py [KEY=VALUE ...]``: exit 0 when done, 2 on a bad config (nothing created), 1 when
+    training fails, 75 when stopped by a signal after a checkpoint."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if {"-h", "--help"} & set(argv):
+        print("usage: python train.py [GROUP=PRESET ...] [KEY=VALUE ...]\n\npresets: "
+              "configs/{model,data,trainer}/*.yaml (the default pick: configs/config.yaml); every key below can be "
+              f"overridden\n\n{JobConfig.help()}")
+        return 0
+    setup_logging(main_process=int(os.environ.get("RANK", "0")) == 0)
+    command = os.environ.get("TRAIN_COMMAND") or shlex.join(["python", "train.py", *argv])
+    try:
+        job = load_job(argv)
+        return train(job, command)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except Preempted as err:
-        print(err, file=sys.stderr)
-        sys.exit(EXIT_REQUEUE)
-    if summary.get("hf"):
-        print(f"\nvalidation loss {summary['val_loss']:.4f}  perplexity {summary['val_ppl']:.2f}  "
-              f"bits/byte {summary['val_bpb']:.4f}  ({summary['tokens']:,} tokens, {summary['params']:,} params)")
-        print(f"outputs: {summary['run_dir']}  (metrics.jsonl, checkpoints/, hf/, summary.json)")
+        log.error(str(err))
+        return 2
+    except TrainingFailed as err:
+        log.error(str(err))
+        return 1
+    finally:
+        close_logging()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,6 +10,11 @@ float32, paper initialisation, 3 Newton iterations, D_in = N, 2 heads. "fwd" run
 slow gets fewer repeats (at least 1) so that the whole run stays under ~2 minutes; the JSON records how many.
 ``--threads`` defaults to 1: on a small shared CPU, intra-op threads mostly add contention. The JSON also
 records the load average, since numbers taken on a busy machine are only rough.
+
+``--check-cost`` instead measures what the Newton convergence check (``fallback_tol``) costs on the host, in
+CPU time of this process (``time.process_time``, robust to a busy machine): the torch path's forward with
+and without it, and the Triton path's host-side Python (``kernels.pararnn.solve_forward`` with the launches
+replaced by no-ops: argument building, the residual buffer, the second launch's arguments) with and without.
 """
 import argparse
 import json
@@ -23,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.pararnn.pararnn_cells import ParaGRU, ParaLSTM  # noqa: E402
+from models.pararnn.pararnn_op import FALLBACK_TOL  # noqa: E402
 
 CELLS = {"ParaGRU": ParaGRU, "ParaLSTM": ParaLSTM}
 
@@ -65,6 +71,60 @@ def bench(cell_name: str, B: int, T: int, N: int, heads: int, repeats: int, budg
     return result
 
 
+def _cpu_median(fn, n: int) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
+def check_cost(batch: int, heads: int) -> list[dict]:
+    """Host CPU time of the Newton convergence check (see the module docstring); prints a table."""
+    from kernels.pararnn import api
+
+    rows = []
+    print("torch path, parallel forward (no_grad), ms of CPU time: without check / with check (fallback_tol)")
+    for cls in (ParaGRU, ParaLSTM):
+        for T, N in ((256, 256), (1024, 256)):
+            torch.manual_seed(0)
+            cell = cls(N, N, heads, mode="parallel")
+            x = torch.randn(batch, T, N)
+            times = {}
+            for tol in (None, FALLBACK_TOL):
+                cell.fallback_tol = tol
+                with torch.no_grad():
+                    times[tol] = _cpu_median(lambda: cell(x), 5)
+            rows.append({"path": "torch", "cell": cls.__name__, "B": batch, "T": T, "N": N,
+                         "off_ms": 1e3 * times[None], "on_ms": 1e3 * times[FALLBACK_TOL]})
+            print(f"  {cls.__name__} B{batch} T{T} N{N}: {1e3 * times[None]:.2f} / {1e3 * times[FALLBACK_TOL]:.2f} "
+                  f"(+{100 * (times[FALLBACK_TOL] / times[None] - 1):.1f}%)")
+    print("triton path, host Python of solve_forward (launches replaced by no-ops), µs: without / with check")
+    launch = api._launch
+    api._launch = lambda *args: None
+    try:
+        for cell in ("gru", "lstm"):
+            B, T, N = 8, 512, 1024
+            P = torch.randn(B, T, 3, N, dtype=torch.bfloat16)
+            A, C = torch.rand(3, N) - 0.5, (torch.rand(2, N) - 0.5 if cell == "lstm" else None)
+            bias, count = torch.zeros(3, N), torch.zeros((), dtype=torch.int64)
+            reset = torch.zeros(B, T, dtype=torch.bool)
+            us = {}
+            for tol in (None, FALLBACK_TOL):
+                call = lambda: api.solve_forward(cell, P, A, C, None, reset, method="newton", bias=bias, clip=0.5,
+                                                 fallback_tol=tol, fallback_count=count)
+                us[tol] = 1e6 * _cpu_median(lambda: [call() for _ in range(200)], 5) / 200
+            rows.append({"path": "triton host", "cell": cell, "B": B, "T": T, "N": N,
+                         "off_us": us[None], "on_us": us[FALLBACK_TOL]})
+            print(f"  {cell} newton B{B} T{T} N{N}: {us[None]:.1f} / {us[FALLBACK_TOL]:.1f} "
+                  f"(+{us[FALLBACK_TOL] - us[None]:.1f} µs)")
+    finally:
+        api._launch = launch
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "cells_cpu.json"))
@@ -75,9 +135,20 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per measurement")
+    parser.add_argument("--check-cost", action="store_true", help="only the Newton check's host cost (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
+    if args.check_cost:
+        rows = check_cost(args.batch, args.heads)
+        if os.path.dirname(args.out):
+            os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                "timer": "time.process_time, median of 5", "load_average": load_before},
+                       "results": rows}, f, indent=2)
+        print(f"wrote {args.out}")
+        return
 
     rows = []
     header = (f"{'cell':9s} {'B':>2s} {'T':>5s} {'N':>4s} | {'seq fwd':>9s} {'par fwd':>9s} {'x':>6s} | "

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from models.registry import build_model  # noqa: E402
-from train import lm_loss  # noqa: E402
+from training.loss import lm_loss  # noqa: E402
 
 
 def bench(preset: str, batch: int, seq: int, steps: int, warmup: int, doc_len: int, device: str) -> dict:

@@ -8,9 +8,10 @@ over 1 ms. This script measures, for each cell:
 * host µs per forward+backward (calls issued back to back without a sync; grads set to None first,
   as ``do_bench`` does), and the CUDA-graph GPU time for comparison;
 * a ``cProfile`` of those calls: the Python functions with the most own time (what to cut);
-* ``newton_forward``/``adjoint_backward`` (launch through ``api._launch`` + allocations + checks)
-  vs replaying the same compiled kernel's launcher directly (the floor for a launch), and the host
-  cost of the projection GEMMs (one dense mm for scale).
+* ``solve_forward``/``solve_backward`` (launch through ``api._launch`` + allocations + checks)
+  vs replaying the same compiled kernel's launcher directly (the floor for a launch), the forward with
+  and without the Newton convergence check (``fallback_tol``: a per-chain residual buffer and the gated
+  sweep launch), and the host cost of the projection GEMMs (one dense mm for scale).
 
 Writes ``host.json`` to ``--out`` and prints the tables. ``python benchmarks/profile_host.py --out $OUT``
 """
@@ -28,9 +29,10 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.bench_cells import graph_bench  # noqa: E402
+from benchmarks.bench_cells import compiled_kernel, graph_bench  # noqa: E402
 from kernels.pararnn import api  # noqa: E402
-from models.pararnn import ParaGRU, ParaLSTM  # noqa: E402
+from models.pararnn import FALLBACK_TOL, ParaGRU, ParaLSTM  # noqa: E402
+from models.pararnn.pararnn_solve import project_heads, project_heads_backward  # noqa: E402
 
 
 def host_us(fn, n=50):
@@ -45,10 +47,10 @@ def host_us(fn, n=50):
     return 1e6 * t / n
 
 
-def replay_launch(direction, call):
-    """µs per launch through ``call`` (Triton's path) and through the captured compiled launcher."""
+def replay_launch(call):
+    """µs per launch through ``call`` (our cached launch) and through the captured compiled launcher."""
     call()
-    compiled = api.LAST_LAUNCH[direction]
+    compiled = compiled_kernel(call)
     launcher = compiled.run  # a property over ``_run`` (Triton 3.6)
     captured = []
     compiled._run = lambda *a: (captured.append(a), launcher(*a))[1]
@@ -82,7 +84,7 @@ def main():
                 t.grad = None
             m(x).backward(gy)
 
-        row = {"cell": m.kernel_name, "B": args.B, "T": args.T, "N": args.N,
+        row = {"cell": m.math.name, "B": args.B, "T": args.T, "N": args.N,
                "host_us_fwdbwd": host_us(fb), "graph_us_fwdbwd": 1e3 * graph_bench(fb, leaves)}
         prof = cProfile.Profile()
         prof.enable()
@@ -94,27 +96,33 @@ def main():
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
         row["cprofile_tottime"] = buf.getvalue()
         with torch.no_grad():
-            P = m.project_heads(x, m.B)
+            P = project_heads(x, m.B)
             C = getattr(m, "C", None)
-            h, _ = api.newton_forward(m.kernel_name, P, m.A, C, None, None, bias=m.b)
+            cell = m.math.name
+            h, _ = api.solve_forward(cell, P, m.A, C, None, None, bias=m.b)
             dP = torch.randn_like(P)
+            count = torch.zeros((), dtype=torch.int64, device="cuda")
             W = torch.randn(args.N, 3 * args.N, device="cuda", dtype=x.dtype)
             pieces = {
-                "project_heads (bmm + views)": lambda: m.project_heads(x, m.B),
+                "project_heads (bmm + views)": lambda: project_heads(x, m.B),
                 "dense mm [M,D]x[D,3N] (for scale)": lambda: x.view(-1, args.N) @ W,
-                "project_heads_backward (2 bmm + copy)": lambda: m.project_heads_backward(x, m.B, dP, (True, True)),
+                "project_heads_backward (2 bmm)": lambda: project_heads_backward(x, m.B, dP, (True, True)),
+                "solve_forward newton": lambda: api.solve_forward(cell, P, m.A, C, None, None, bias=m.b,
+                                                                  method="newton"),
+                "solve_forward newton + convergence check": lambda: api.solve_forward(
+                    cell, P, m.A, C, None, None, bias=m.b, method="newton", fallback_tol=FALLBACK_TOL,
+                    fallback_count=count),
                 "torch.empty": lambda: torch.empty_like(x),
             }
             row["pieces_us"] = {name: host_us(fn) for name, fn in pieces.items()}
-            row["launch_fwd_us"] = replay_launch(
-                "fwd", lambda: api.newton_forward(m.kernel_name, P, m.A, C, None, None, bias=m.b))
+            row["launch_fwd_us"] = replay_launch(lambda: api.solve_forward(cell, P, m.A, C, None, None, bias=m.b))
             row["launch_bwd_us"] = replay_launch(
-                "bwd", lambda: api.adjoint_backward(m.kernel_name, P, m.A, C, None, None, h, h[:, :, -1], bias=m.b))
+                lambda: api.solve_backward(cell, P, m.A, C, None, None, h, h[:, :, -1], bias=m.b))
         results.append(row)
         print(f"{row['cell']} B{args.B} T{args.T} N{args.N}: host {row['host_us_fwdbwd']:.0f} us per fwd+bwd, "
               f"GPU (graph) {row['graph_us_fwdbwd']:.0f} us")
-        print(f"  newton_forward {row['launch_fwd_us'][0]:.1f} us, its launcher alone {row['launch_fwd_us'][1]:.1f} us")
-        print(f"  adjoint_backward {row['launch_bwd_us'][0]:.1f} us, "
+        print(f"  solve_forward {row['launch_fwd_us'][0]:.1f} us, its launcher alone {row['launch_fwd_us'][1]:.1f} us")
+        print(f"  solve_backward {row['launch_bwd_us'][0]:.1f} us, "
               f"its launcher alone {row['launch_bwd_us'][1]:.1f} us")
         for name, us in row["pieces_us"].items():
             print(f"  {name} {us:.1f} us")

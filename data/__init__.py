@@ -8,10 +8,10 @@
 
 ``python -m data`` prints corpus statistics and the packing throughput.
 """
+from training.common import REPO_ROOT, ConfigError
+
 from .packing import Row, TokenPacker, collate_rows
 from .pipeline import (
-    REPO_ROOT,
-    ConfigError,
     DataConfig,
     DocumentSource,
     PackedStream,

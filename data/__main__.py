@@ -22,7 +22,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=100, help="batches to time for throughput")
     args = ap.parse_args()
 
-    cfg = DataConfig(seq_len=args.seq_len).validate()
+    cfg = DataConfig(seq_len=args.seq_len)
+    cfg.check()
     tok = load_tokenizer(cfg.tokenizer)
     print(f"config: {cfg}")
 

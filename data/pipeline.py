@@ -2,12 +2,12 @@
 
 What is special here:
 
-* **Config first, heavy work second.** ``DataConfig.validate()`` runs before any dataset or
-  tokenizer is opened and raises :class:`ConfigError` with a one-line message naming the
-  offending key or file (a missing data file names the file or glob).
+* **Config first, heavy work second.** ``DataConfig.check()`` (:mod:`training.config`) runs before
+  any dataset or tokenizer is opened and raises :class:`ConfigError` with a one-line message naming
+  the offending key or file (a missing data file names the file or glob).
 * **Everything streams** through ``datasets.load_dataset(..., streaming=True)``: local
-  json/jsonl(.gz), parquet and text files, or a hub dataset. Relative paths are resolved
-  against the repository root, not the working directory.
+  json/jsonl(.gz), parquet and text files, or a hub dataset. Relative paths are relative to the
+  current directory.
 * **Documents** become ``[EOS] + tokens(text)`` (see :mod:`data.packing`). Text is encoded
   with ``split_special_tokens=True``: a literal ``"<|endoftext|>"`` inside a document is
   ordinary text, so EOS ids occur only at real document starts. Documents whose text is empty
@@ -26,6 +26,11 @@ What is special here:
   Across epochs the shard (file) order is additionally reshuffled by HF itself
   (``set_epoch`` is called at every epoch start; this also avoids the HF gotcha that a loaded
   state would otherwise be re-applied to every later pass).
+* **Bad data fails with one line** (:class:`ConfigError`) naming the file and the cause: a directory
+  or an empty file among the data files, a parquet file read as json/text or the reverse, text that is
+  not UTF-8 or not JSON lines, a missing text field. Cheap checks of each local file's first 64 KiB run
+  when the split is opened; an error raised later by the reader (deep inside a file) is turned into
+  the same kind of line by scanning the split's files for the first offending line.
 * **Single process, deterministic**: no DataLoader workers (tokenizing GPT-2 runs at ~0.4-0.6 M tokens per CPU-second).
 * **Validation** rows are made from the whole (capped) validation stream, identically on every
   rank, and then dealt out round-robin; the global set of rows does not depend on the
@@ -34,20 +39,24 @@ What is special here:
 """
 from __future__ import annotations
 
+import bz2
+import codecs
 import copy
-import dataclasses
 import glob as globlib
+import gzip
+import json
 import logging
+import lzma
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from training.common import REPO_ROOT, ConfigError
+from training.common import ConfigError
+from training.config import DataConfig
 
 from .packing import Row, TokenPacker, collate_rows
 
@@ -57,111 +66,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
-LOCAL_FORMATS = ("json", "parquet", "text")
-FORMATS = LOCAL_FORMATS + ("hub",)
 SPLITS = ("train", "validation")
 STATE_VERSION = 1
 
 Batch = dict[str, torch.Tensor]
-
-
-# ------------------------------------------------------------------------------------------------
-# Config
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class DataConfig:
-    """What to read and how to cut it. Defaults: the State of the Union corpus embedded in
-    ``data/sotu`` with the GPT-2 tokenizer embedded in ``data/tokenizer/gpt2``.
-
-    Plain types only, so it works as an OmegaConf/Hydra structured config.
-    """
-
-    name: str = "sotu"
-    format: str = "json"  # "json" | "parquet" | "text" | "hub"
-    # local files: lists of paths or globs; relative paths resolve against the repo root
-    train_files: list[str] = field(default_factory=lambda: ["data/sotu/train.jsonl.gz"])
-    validation_files: list[str] = field(default_factory=lambda: ["data/sotu/validation.jsonl.gz"])
-    # hub datasets (format == "hub"): load_dataset(hub_path, hub_name, split=..., streaming=True)
-    hub_path: str | None = None
-    hub_name: str | None = None
-    train_split: str = "train"
-    validation_split: str | None = "validation"  # None: no validation data
-    # generic document filter, e.g. exclude_field="meta.redpajama_set_name",
-    # exclude_values=["RedPajamaBookSub"] drops Books3 from SlimPajama
-    exclude_field: str | None = None
-    exclude_values: list[str] = field(default_factory=list)
-    text_field: str = "text"  # dotted path allowed
-    load_kwargs: dict[str, Any] = field(default_factory=dict)  # extra load_dataset(...) kwargs
-    tokenizer: str = "data/tokenizer/gpt2"  # local directory (relative to the repo root) or hub name
-    seq_len: int = 1024
-    shuffle_buffer: int = 0  # documents; 0 = off (file order)
-    seed: int = 0
-    validation_rows: int | None = None  # cap on validation rows over all ranks; None = all
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:
-        """Build from a plain mapping (e.g. ``OmegaConf.to_container(cfg.data)``); unknown keys
-        raise :class:`ConfigError` naming the key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"data config: unknown key '{key}' (known: {', '.join(sorted(known))})")
-        kwargs = dict(values)
-        for key in ("train_files", "validation_files", "exclude_values"):
-            if isinstance(kwargs.get(key), str):
-                kwargs[key] = [kwargs[key]]
-        return cls(**kwargs)
-
-    def files(self, split: str) -> list[str]:
-        if split not in SPLITS:
-            raise ConfigError(f"data config '{self.name}': unknown split '{split}' (expected one of {SPLITS})")
-        return list(self.train_files if split == "train" else self.validation_files)
-
-    def has_split(self, split: str) -> bool:
-        if self.format == "hub":
-            return bool(self.train_split if split == "train" else self.validation_split)
-        return bool(self.files(split))
-
-    def validate(self, check_files: bool = True) -> DataConfig:
-        """Check the config without opening any dataset. Raises :class:`ConfigError`.
-
-        ``check_files`` resolves every local path/glob and fails if one matches no file."""
-        where = f"data config '{self.name}'"
-        if self.format not in FORMATS:
-            raise ConfigError(f"{where}: format must be one of {', '.join(FORMATS)}; got format={self.format!r}")
-        if not _is_positive_int(self.seq_len):
-            raise ConfigError(f"{where}: seq_len must be a positive integer; got seq_len={self.seq_len!r}")
-        if not isinstance(self.shuffle_buffer, int) or isinstance(self.shuffle_buffer, bool) or self.shuffle_buffer < 0:
-            raise ConfigError(f"{where}: shuffle_buffer must be an integer >= 0; "
-                              f"got shuffle_buffer={self.shuffle_buffer!r}")
-        if self.validation_rows is not None and not _is_positive_int(self.validation_rows):
-            raise ConfigError(f"{where}: validation_rows must be a positive integer or null; "
-                              f"got {self.validation_rows!r}")
-        if not isinstance(self.seed, int):
-            raise ConfigError(f"{where}: seed must be an integer; got seed={self.seed!r}")
-        if not self.text_field:
-            raise ConfigError(f"{where}: text_field must be a non-empty field name")
-        if not self.tokenizer:
-            raise ConfigError(f"{where}: tokenizer must name a directory or a hub tokenizer")
-        if self.exclude_values and not self.exclude_field:
-            raise ConfigError(f"{where}: exclude_values is set but exclude_field is not")
-        if self.format == "hub":
-            if not self.hub_path:
-                raise ConfigError(f"{where}: format=hub needs hub_path (e.g. 'DKYoon/SlimPajama-6B')")
-            if not self.train_split:
-                raise ConfigError(f"{where}: format=hub needs train_split")
-            if self.validation_split and self.validation_rows is None:
-                raise ConfigError(
-                    f"{where}: format=hub needs validation_rows "
-                    "(the validation split is streamed in full on every rank)"
-                )
-        else:
-            if not self.train_files:
-                raise ConfigError(f"{where}: train_files is empty")
-            if check_files:
-                for split in SPLITS:
-                    resolve_data_files(self.files(split), key=f"{split}_files")
-        return self
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -169,17 +77,17 @@ def _is_positive_int(value: Any) -> bool:
 
 
 def resolve_path(path: str) -> str:
-    """Expand ``~`` and resolve a relative path against the repo root; URLs pass through."""
+    """Expand ``~`` and make a relative path absolute (relative to the current directory); URLs pass through."""
     if "://" in path:
         return path
-    p = Path(os.path.expanduser(path))
-    return str(p if p.is_absolute() else REPO_ROOT / p)
+    return os.path.abspath(os.path.expanduser(path))
 
 
-def resolve_data_files(patterns: Sequence[str], key: str = "files") -> list[str]:
+def resolve_data_files(patterns: Sequence[str], key: str = "files", fmt: str | None = None) -> list[str]:
     """Expand paths/globs (sorted per pattern, order of patterns kept, duplicates dropped).
 
-    Raises :class:`ConfigError` naming the first path or glob that matches no file.
+    Raises :class:`ConfigError` naming the first path or glob that matches no file, a directory, an empty
+    file, and (given the data ``fmt``) a file whose first bytes do not fit it (:func:`file_problem`).
     Remote URLs (``scheme://``) are passed through unchecked."""
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -192,19 +100,184 @@ def resolve_data_files(patterns: Sequence[str], key: str = "files") -> list[str]
             matches = sorted(p for p in globlib.glob(resolved, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise ConfigError(f"{key}: glob '{pattern}' matches no file (resolved to {resolved})")
+        elif os.path.isdir(resolved):
+            raise ConfigError(f"{key}: '{pattern}' is a directory, not a data file (list its files, "
+                              f"e.g. '{os.path.join(str(pattern), '*.jsonl')}')")
         else:
             if not os.path.isfile(resolved):
                 raise ConfigError(f"{key}: data file not found: '{pattern}' (resolved to {resolved})")
             matches = [resolved]
-        out.extend(m for m in matches if m not in out)
+        for match in matches:
+            if match in out:
+                continue
+            problem = None if "://" in match else file_problem(match, fmt)
+            if problem:
+                raise ConfigError(f"{key}: {match} {problem}")
+            out.append(match)
     return out
+
+
+HEAD_BYTES = 64 << 10
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_PARQUET_MAGIC = b"PAR1"
+NEWLINE = b"\n"
+
+
+def _open_text_bytes(path: str):
+    """The file's decompressed bytes (gzip, bzip2, xz by extension), or None for another compression."""
+    ext = os.path.splitext(path)[1]
+    if ext in (".zst", ".lz4", ".zip"):
+        return None
+    return _OPENERS.get(ext, open)(path, "rb")
+
+
+def file_problem(path: str, fmt: str | None = None) -> str | None:
+    """What is wrong with local data file ``path`` judged by its first bytes (None: nothing seen), as the end of
+    a sentence that starts with the path: empty; for ``fmt`` "parquet", no parquet magic; for "json" / "text",
+    a parquet file, undecodable compression or not UTF-8; for "json", not a JSON object or array first."""
+    with open(path, "rb") as f:
+        raw = f.read(len(_PARQUET_MAGIC))
+    if not raw:
+        return "is empty"
+    is_parquet = raw == _PARQUET_MAGIC
+    if fmt == "parquet":
+        return None if is_parquet else ("is not a parquet file (no PAR1 magic bytes), but data.format=parquet; "
+                                        "json/jsonl files need data.format=json")
+    if is_parquet and fmt is not None:
+        return f"is a parquet file, but data.format={fmt}; set data.format=parquet"
+    opened = _open_text_bytes(path)
+    if opened is None:
+        return None
+    try:
+        with opened as f:
+            head = f.read(HEAD_BYTES)
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        return f"cannot be decompressed ({type(err).__name__}: {err})"
+    if not head:
+        return "is empty (no bytes after decompression)"
+    if fmt in ("json", "text"):
+        where = _invalid_utf8(head, final=len(head) < HEAD_BYTES)
+        if where:
+            return f"is not UTF-8 text ({where}); convert it to UTF-8"
+    if fmt == "json":
+        first = head.lstrip(codecs.BOM_UTF8).lstrip()[:1]
+        if first not in (b"{", b"["):
+            return (f"is not JSON lines (it starts with {head.lstrip()[:20]!r}); data.format=json reads one JSON "
+                    f"object per line (plain text needs data.format=text)")
+    return None
+
+
+def _invalid_utf8(data: bytes, final: bool = True, offset: int = 0, line: int = 1) -> str | None:
+    """Where ``data`` stops being UTF-8 ("line L, byte B"), or None (a character cut at the end of a
+    non-``final`` block is not an error)."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=final)
+        return None
+    except UnicodeDecodeError as err:
+        return f"line {line + data.count(NEWLINE, 0, err.start)}, byte {offset + err.start}: {err.reason}"
+
+
+def _scan_utf8(path: str) -> str | None:
+    """The first place where a (decompressed) file is not UTF-8, or None."""
+    opened = _open_text_bytes(path)
+    if opened is None:
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with opened as f:
+        while block := f.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError:
+                return _invalid_utf8(block, final=False, offset=offset, line=line) or f"byte {offset}"
+            offset += len(block)
+            line += block.count(NEWLINE)
+    return None
+
+
+def _scan_json(path: str, fields: Sequence[str]) -> str | None:
+    """The first line of a JSON-lines file that is not JSON or lacks one of ``fields`` (dotted), or None."""
+    opened = _open_text_bytes(path)
+    if opened is None:
+        return None
+    with opened as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                return f"line {number} is not valid JSON ({getattr(err, 'msg', err)})"
+            for dotted in fields:
+                if _get_field(record, dotted) is _MISSING:
+                    keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+                    return f"line {number} has no field '{dotted}' (fields: {keys})"
+    return None
+
+
+def _scan_parquet(path: str, fields: Sequence[str]) -> str | None:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a damaged file
+        return f"is not a readable parquet file ({_first_line(err)})"
+    for dotted in fields:
+        if dotted.split(".")[0] not in schema.names:
+            return f"has no column '{dotted.split('.')[0]}' (columns: {', '.join(schema.names)})"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+class MissingField(KeyError):
+    """An example without the configured text (or exclude) field."""
+
+    def __init__(self, key: str, dotted: str, fields: Sequence[str]) -> None:
+        super().__init__(dotted)
+        self.key, self.dotted, self.fields = key, dotted, list(fields)
+
+
+def reading_error(cfg: DataConfig, split: str, err: BaseException) -> ConfigError:
+    """One line naming the file and the cause of ``err``, raised while reading ``split``.
+
+    The reader's exceptions rarely say which file failed, so the split's local files are scanned for the
+    first one with a problem of ``err``'s kind: the first-bytes checks, then text that is not UTF-8, then
+    (json / parquet) a record that is not JSON or lacks the configured field. This reads the data once more,
+    but only on the way to stopping the run."""
+    fields = [cfg.text_field] + ([cfg.exclude_field] if cfg.exclude_field else [])
+    if isinstance(err, MissingField):
+        fields, cause = [err.dotted], (f"field '{err.dotted}' not found in a {split} example "
+                                       f"(fields: {', '.join(map(str, err.fields))})")
+    else:
+        cause = _first_line(err)
+    key = err.key if isinstance(err, MissingField) else f"data.{split}_files"
+    if cfg.format == "hub":
+        return ConfigError(f"{key}: reading {cfg.hub_path} (split {split}) failed: {cause}")
+    files = resolve_data_files(cfg.files(split), key=key, fmt=cfg.format)  # raises for the cheap cases
+    for path in files:
+        problem = None
+        if cfg.format in ("json", "text") and not isinstance(err, MissingField):
+            where = _scan_utf8(path)
+            problem = f"is not UTF-8 text ({where}); convert it to UTF-8" if where else None
+        if problem is None and cfg.format == "json":
+            problem = _scan_json(path, fields)
+        if problem is None and cfg.format == "parquet":
+            problem = _scan_parquet(path, fields)
+        if problem:
+            return ConfigError(f"{key}: {path} {problem}")
+    where = files[0] if len(files) == 1 else f"one of {len(files)} files ({files[0]}, ...)"
+    return ConfigError(f"{key}: reading {where} failed: {cause}")
 
 
 # ------------------------------------------------------------------------------------------------
 # Tokenizer
 # ------------------------------------------------------------------------------------------------
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained`` on a local directory (relative to the repo root) or, if
+    """``AutoTokenizer.from_pretrained`` on a local directory (relative to the current directory) or, if
     no such directory exists and the string does not look like a path, a hub name."""
     from transformers import AutoTokenizer
 
@@ -249,7 +322,7 @@ def load_dataset_call(cfg: DataConfig, split: str) -> tuple[tuple[Any, ...], dic
     if cfg.format == "hub":
         kwargs["split"] = cfg.train_split if split == "train" else cfg.validation_split
         return (cfg.hub_path, cfg.hub_name), kwargs
-    files = resolve_data_files(cfg.files(split), key=f"{split}_files")
+    files = resolve_data_files(cfg.files(split), key=f"data.{split}_files", fmt=cfg.format)
     kwargs["data_files"] = {split: files}
     kwargs["split"] = split
     return (cfg.format,), kwargs
@@ -261,18 +334,24 @@ def open_split(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1):
     from datasets.distributed import split_dataset_by_node
 
     args, kwargs = load_dataset_call(cfg, split)
-    ds = datasets.load_dataset(*args, **kwargs)
+    try:  # streaming still reads the first file here (to infer the schema)
+        ds = datasets.load_dataset(*args, **kwargs)
+    except Exception as err:
+        raise reading_error(cfg, split, err) from err
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     return ds
 
 
-def _get_field(example: Mapping[str, Any], dotted: str, key: str, split: str) -> Any:
+_MISSING = object()
+
+
+def _get_field(example: Mapping[str, Any], dotted: str) -> Any:
+    """``example["a"]["b"]`` for ``dotted="a.b"``, or ``_MISSING``."""
     value: Any = example
     for part in dotted.split("."):
         if not isinstance(value, Mapping) or part not in value:
-            fields = ", ".join(map(str, example.keys()))
-            raise ConfigError(f"{key}: field '{dotted}' not found in a {split} example (fields: {fields})")
+            return _MISSING
         value = value[part]
     return value
 
@@ -311,19 +390,30 @@ class DocumentSource:
             # None clears a previously loaded state (HF would otherwise re-apply it)
             self._dataset.load_state_dict(self._hf_state)  # type: ignore[arg-type]
             self._iterator = iter(self._dataset)
-        for example in self._iterator:
+        while True:
+            try:
+                example = next(self._iterator)
+            except StopIteration:
+                return None
+            except Exception as err:  # the reader's own errors (encoding, parsing) do not name the file
+                raise reading_error(self.cfg, self.split, err) from err
             self._hf_state = self._dataset.state_dict()
             if self.cfg.exclude_field:
-                value = _get_field(example, self.cfg.exclude_field, "exclude_field", self.split)
+                value = self._field(example, self.cfg.exclude_field, "exclude_field")
                 if str(value) in self._exclude:
                     continue
-            text = _get_field(example, self.cfg.text_field, "text_field", self.split)
+            text = self._field(example, self.cfg.text_field, "text_field")
             if text is None or text == "":
                 continue
             if not isinstance(text, str):
                 raise ConfigError(f"text_field: '{self.cfg.text_field}' is {type(text).__name__}, not a string")
             return text
-        return None
+
+    def _field(self, example: Mapping[str, Any], dotted: str, key: str) -> Any:
+        value = _get_field(example, dotted)
+        if value is _MISSING:
+            raise reading_error(self.cfg, self.split, MissingField(key, dotted, list(example)))
+        return value
 
     def next_text(self) -> str | None:
         while True:
@@ -346,9 +436,11 @@ class DocumentSource:
                 return text
             # end of epoch
             if self.docs_in_epoch == 0:
+                files = "" if self.cfg.format == "hub" else f" ({', '.join(self.cfg.files(self.split))})"
                 raise ConfigError(
-                    f"data config '{self.cfg.name}': the {self.split} split has no documents for rank "
-                    f"{self.rank} of {self.world_size} (empty files, everything filtered, or more ranks than documents)"
+                    f"{self.split}_files: the {self.split} split{files} has no documents for rank {self.rank} of "
+                    f"{self.world_size} (no non-empty '{self.cfg.text_field}', everything filtered, or more ranks "
+                    f"than documents)"
                 )
             if not self.repeat:
                 return None
@@ -397,7 +489,7 @@ class PackedStream:
 
     def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None,
                  batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
-        cfg.validate()
+        cfg.check()
         if not _is_positive_int(batch_size):
             raise ConfigError(f"batch_size must be a positive integer; got batch_size={batch_size!r}")
         if not (_is_positive_int(world_size) and isinstance(rank, int) and 0 <= rank < world_size):
@@ -472,7 +564,7 @@ def pack_validation_rows(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) ->
     """All packed rows of the validation split (same packing as training, single pass, file
     order, no sharding), capped at ``cfg.validation_rows``. The tail that does not fill a row
     is dropped."""
-    cfg.validate()
+    cfg.check()
     source = DocumentSource(cfg, "validation", rank=0, world_size=1, repeat=False, shuffle_buffer=0)
     packer = TokenPacker(cfg.seq_len, int(tokenizer.eos_token_id))
     rows: list[Row] = []

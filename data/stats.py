@@ -103,7 +103,7 @@ def unigram_baseline(cfg: DataConfig, tokenizer, split: str = "validation",
     targets of ``split``: for "validation" the labels of ``pack_validation_rows(cfg, tokenizer)``
     (what the model's validation loss averages over, world size 1); for "train" the train
     stream itself minus its first token."""
-    cfg.validate()
+    cfg.check()
     vocab = len(tokenizer)
     train = _split_stream(cfg, tokenizer, "train", max_train_tokens)
     if split == "validation":

@@ -44,21 +44,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from training.common import REPO_ROOT, ConfigError
+from training.config import Config, JobConfig
 
 ARCHS = ("paragru", "paralstm", "mamba2", "transformer")
 TRAIN_ROOT_KEYS = ("model", "data", "trainer", "wandb", "run_dir", "seed", "hydra")
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(Config):
     """The comparison's own keys; every other ``key=value`` is a train.py override."""
 
     size: str = "tiny"
     """Preset size: every architecture trains ``configs/model/<arch>_<size>.yaml`` (tiny, 125m, 400m, 1b, ...)."""
-    archs: list[str] = field(default_factory=lambda: list(ARCHS))
+    archs: list[Literal["paragru", "paralstm", "mamba2", "transformer"]] = field(default_factory=lambda: list(ARCHS))
     """The architectures to compare (a subset of paragru, paralstm, mamba2, transformer)."""
     out: str = "runs/compare"
     """Output directory: one run dir per architecture (``<arch>_<size>``), ``logs/``, ``report/``."""
@@ -73,9 +74,9 @@ class CompareConfig:
     """Tokens per sequence (data.seq_len); None: the data config's."""
     jobs: int = 1
     """Trainings at a time (1 on a GPU, so that timings and memory are each run's own)."""
-    tasks: Any = "smoke"
+    tasks: str | list[str] = "smoke"
     """Downstream tasks: a preset of configs/eval (smoke, paper, mamba_zeroshot) or a list ("task:shots")."""
-    limit: Any = None
+    limit: int | None = None
     """Documents per downstream task; None: the preset's (smoke: 20; paper: all)."""
     data_root: str | None = None
     """Downstream data (eval.main's data_root); None: the slices shipped in eval/tasks/data."""
@@ -87,6 +88,19 @@ class CompareConfig:
     """Synthetic-task suite to run on each model; empty: none (the suite is not in this checkout yet)."""
     peak_tflops: float | None = None
     """Peak TFLOP/s for the MFU columns; None: the GPU's bf16 peak from its name (blank on a CPU)."""
+
+    def check(self) -> None:
+        super().check()
+        if not self.archs:
+            self.fail("archs", f"choose from {', '.join(ARCHS)}")
+        for name in ("steps", "tokens", "batch_size", "seq_len"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                self.fail(name, "must be > 0")
+        if self.steps is not None and self.tokens is not None:
+            self.fail("tokens", "give steps or tokens, not both")
+        if self.jobs < 1:
+            self.fail("jobs", "must be >= 1")
 
 
 @dataclass
@@ -131,56 +145,25 @@ def parse_args(argv: list[str]) -> tuple[CompareConfig, list[str], dict[str, lis
             raise ConfigError(f"{key}: not a key of the comparison ({', '.join(sorted(names))}), of train.py "
                               f"({', '.join(TRAIN_ROOT_KEYS)}) or <arch>.<key> for one of {', '.join(ARCHS)}")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(CompareConfig), OmegaConf.from_dotlist(own))
-        cfg = CompareConfig(**OmegaConf.to_container(cfg, resolve=True))
+        values = OmegaConf.to_container(OmegaConf.from_dotlist(own), resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(str(err).splitlines()[0]) from None
-    unknown = [a for a in cfg.archs if a not in ARCHS]
-    if unknown or not cfg.archs:
-        raise ConfigError(f"archs={cfg.archs}: choose from {', '.join(ARCHS)}")
+    cfg = CompareConfig.from_dict(values)
     idle = [a for a, o in per_arch.items() if o and a not in cfg.archs]
     if idle:
         raise ConfigError(f"{idle[0]}.*: overrides for an architecture that is not in archs={cfg.archs}")
-    for key in ("steps", "tokens", "batch_size", "seq_len"):
-        value = getattr(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
-    if cfg.steps is not None and cfg.tokens is not None:
-        raise ConfigError("steps and tokens: give one of them")
-    if cfg.jobs < 1:
-        raise ConfigError(f"jobs={cfg.jobs} must be at least 1")
     return cfg, common, per_arch
 
 
-def _compose_train(overrides: list[str]):
-    """train.py's config for ``overrides``, through Hydra's compose API (the same composition as train.py)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+def check_train(overrides: list[str]) -> JobConfig:
+    """train.py's config for ``overrides``, composed and checked as train.py does (typed groups, data files,
+    the batch split, the model config on the meta device) before anything is created."""
+    from train import build_model, load_job
 
-    try:
-        with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(str(err).strip().splitlines()[0]) from None
-
-
-def check_train(overrides: list[str]):
-    """Compose train.py's config for ``overrides`` and run train.py's own checks on it (typed sections, data
-    files, trainer values, the model config on the meta device). Returns the composed config."""
-    from train import Run
-    from training.config import check_trainer
-
-    cfg = _compose_train(overrides)
-    run = Run(cfg)
-    check_trainer(run.trainer, 1)
-    from models.count import build_meta
-
-    try:
-        build_meta({"arch": run.model.arch, "config": run.model.config})
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return cfg
+    job = load_job(overrides)
+    job.trainer.micro_batch(1)
+    build_model(job, None, "meta")
+    return job
 
 
 def plan_runs(cfg: CompareConfig, common: list[str], per_arch: dict[str, list[str]]) -> list[ArchRun]:
@@ -503,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # the evaluations here reuse the trainings' tuning
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(f"usage: python -m eval.compare [KEY=VALUE ...] [<arch>.KEY=VALUE ...] [TRAIN.PY KEY=VALUE ...]\n\n"
+              f"{CompareConfig.help()}")
+        return 0
     try:
         return run(argv)
     except ConfigError as err:

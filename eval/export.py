@@ -7,17 +7,22 @@ At the end of training ``train.py`` calls :func:`export_hf` on the live model. F
 
 Transformer and Mamba2 exports load with plain transformers; ParaRNN exports carry their modeling
 code (pure torch) and load with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
+Load the tokenizer the same way, ``AutoTokenizer.from_pretrained(dir, trust_remote_code=True)``: transformers
+reads the config (and its ``auto_map``) for the tokenizer too, and without the flag asks "Do you wish to run
+the custom code? [y/N]".
 Sharded checkpoints (FSDP2's DCP directory ``model_optim/``, DeepSpeed ZeRO's ``pytorch_model/``) are
 consolidated into one fp32 state dict first, on the CPU, without any process group.
+
+The newest checkpoint is the newest whose files match their manifest's checksums; a corrupted one is
+skipped with a warning naming the file (:mod:`training.checkpoint`). A wrong run directory or checkpoint
+fails with one line before torch, transformers or accelerate are imported.
 """
 import argparse
 import os
 import sys
 import warnings
 
-import torch
-
-from training.distributed import SHARDED_DIR
+from training.common import ConfigError
 
 
 def export_hf(accelerator, model, tokenizer, out_dir: str) -> None:
@@ -45,6 +50,8 @@ def load_checkpoint_state(checkpoint: str) -> dict:
     """The full model state dict of a checkpoint written by ``train.py``, whatever the strategy."""
     from safetensors.torch import load_file
 
+    from training.distributed import SHARDED_DIR
+
     single = os.path.join(checkpoint, "model.safetensors")
     if os.path.exists(single):
         return load_file(single)
@@ -59,25 +66,39 @@ def load_checkpoint_state(checkpoint: str) -> dict:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="pytorch_model")
-    raise FileNotFoundError(f"{checkpoint}: no model weights found (model.safetensors, {SHARDED_DIR}/ "
+    raise ConfigError(f"{checkpoint}: no model weights found (model.safetensors, {SHARDED_DIR}/ "
                             f"or pytorch_model/)")
 
 
+def check_run_dir(run_dir: str, checkpoint: str | None = None) -> None:
+    """Fail with one line, before any heavy import, unless ``run_dir`` is a run of train.py (and
+    ``checkpoint``, if given, a directory)."""
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"run directory {run_dir} not found" if not os.path.exists(run_dir) else
+                          f"{run_dir} is not a directory (expected a run directory of train.py)")
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        raise ConfigError(f"{run_dir}/config.yaml not found: is {run_dir} a run directory of train.py?")
+    if checkpoint is not None and not os.path.isdir(checkpoint):
+        raise ConfigError(f"--checkpoint {checkpoint}: not a directory")
+
+
 def export_checkpoint(run_dir: str, checkpoint: str | None = None, out_dir: str | None = None) -> str:
+    check_run_dir(run_dir, checkpoint)
+    import torch
     from omegaconf import OmegaConf
 
     from data.pipeline import load_tokenizer
     from models.registry import build_model
-    from training.checkpoint import Checkpointer
+    from training.checkpoint import Checkpointer, verify
 
-    config_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a run directory of train.py?")
-    cfg = OmegaConf.load(config_path)
+    cfg = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
     if checkpoint is None:
-        checkpoint = Checkpointer(None, os.path.join(run_dir, "checkpoints"), 1).latest()
+        checkpoint = Checkpointer(None, os.path.join(run_dir, "checkpoints"), 1).latest()  # skips corrupted ones
         if checkpoint is None:
-            raise FileNotFoundError(f"{run_dir}/checkpoints has no complete checkpoint")
+            raise ConfigError(f"{run_dir}/checkpoints has no complete checkpoint")
+    elif (problem := verify(checkpoint)) is not None:
+        raise ConfigError(f"checkpoint {checkpoint} is incomplete or corrupted: {problem} (omit --checkpoint to "
+                          f"export the newest intact one)")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     with torch.device("meta"):
         model = build_model(cfg.model.arch, OmegaConf.to_container(cfg.model.config), len(tokenizer))
@@ -96,7 +117,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.run_dir, args.checkpoint, args.out)
-    except FileNotFoundError as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"exported to {out}")

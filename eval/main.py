@@ -94,7 +94,7 @@ def _plain(value: Any) -> Any:
 class PerplexityPlan:
     """What ``perplexity=true`` scores for one checkpoint, resolved (and its files checked) before any model loads."""
 
-    data: Any  # data.pipeline.DataConfig: the run's own (its validation rows, as in training) or perplexity_data
+    data: Any  # training.config.DataConfig: the run's own (its validation rows, as in training) or perplexity_data
     protocol: str  # "packed" | "documents" (eval/perplexity.py states both)
     own: bool  # the run's own validation rows (exactly what train.py validates on)
 
@@ -102,8 +102,9 @@ class PerplexityPlan:
 def plan_perplexity(ckpt: Checkpoint, cfg: DictConfig) -> PerplexityPlan:
     """``perplexity_data`` (a corpus file or datasets name) if given, else the run's own data config
     (``<run_dir>/config.yaml``). Raises :class:`ConfigError` naming the key or file."""
-    from data import pipeline
     from eval.perplexity import PROTOCOLS, corpus_config
+    from training.config import DataConfig
+    from training.run_dir import load_saved_config
 
     if cfg.perplexity_protocol is not None and cfg.perplexity_protocol not in PROTOCOLS:
         raise ConfigError(f"perplexity_protocol={cfg.perplexity_protocol!r} is not one of {', '.join(PROTOCOLS)}")
@@ -112,18 +113,17 @@ def plan_perplexity(ckpt: Checkpoint, cfg: DictConfig) -> PerplexityPlan:
         if cfg.perplexity_seq_len is not None:
             data.seq_len = int(cfg.perplexity_seq_len)
         return PerplexityPlan(data, cfg.perplexity_protocol or "documents", own=False)
-    cfg_path = ckpt.run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ConfigError(f"perplexity=true: {ckpt.given} has no run config ({cfg_path}); "
+    saved = load_saved_config(str(ckpt.run_dir))
+    if saved is None:
+        raise ConfigError(f"perplexity=true: {ckpt.given} has no run config ({ckpt.run_dir / 'config.yaml'}); "
                           f"set perplexity_data=FILE_OR_DATASET to score it on a corpus")
-    data = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True).get("data") or {}
-    known = {f.name for f in dataclasses.fields(pipeline.DataConfig)}
-    dcfg = pipeline.DataConfig.from_dict({k: v for k, v in data.items() if k in known})
+    dcfg = DataConfig.from_dict(saved.get("data"))
     if cfg.perplexity_rows is not None:
         dcfg.validation_rows = int(cfg.perplexity_rows)
     if cfg.perplexity_seq_len is not None:
         dcfg.seq_len = int(cfg.perplexity_seq_len)
-    return PerplexityPlan(dcfg.validate(), cfg.perplexity_protocol or "packed", own=True)
+    dcfg.check()
+    return PerplexityPlan(dcfg, cfg.perplexity_protocol or "packed", own=True)
 
 
 def run_perplexity(ckpt: Checkpoint, cfg: DictConfig, out_dir: Path, plan: PerplexityPlan,

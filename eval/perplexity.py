@@ -267,9 +267,9 @@ LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tx
 
 def corpus_config(data: str, text_field: str = "text", split: str = "validation", name: str | None = None,
                   sample_by: str = "document"):
-    """A ``data.pipeline.DataConfig`` whose validation split is ``data``: a local file or glob (relative to
+    """A ``training.config.DataConfig`` whose validation split is ``data``: a local file or glob (relative to
     the working directory, else to the repository root) or a ``datasets`` name. Checked, nothing opened."""
-    from data.pipeline import DataConfig
+    from training.config import DataConfig
 
     path = Path(os.path.expanduser(data))
     matches = sorted(glob.glob(str(path))) if glob.has_magic(str(path)) else ([str(path)] if path.exists() else [])
@@ -286,7 +286,8 @@ def corpus_config(data: str, text_field: str = "text", split: str = "validation"
     else:
         cfg = DataConfig(name=data, format="hub", hub_path=data, hub_name=name, train_split=split,
                          validation_split=split, text_field=text_field, validation_rows=1)
-    return cfg.validate()
+    cfg.check()
+    return cfg
 
 
 def read_documents(cfg, tokenizer, max_docs: int | None = None) -> list[list[int]]:

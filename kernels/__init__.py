@@ -1,6 +1,7 @@
-"""Triton kernels for the ParaRNN cells.
+"""Triton kernels (``kernels.pararnn``: the ParaGRU / ParaLSTM solves).
 
-Importing this package needs triton. On a machine without a GPU the kernels run only through
-Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before any kernel module
-is imported; :mod:`kernels.interpreter_shim` patches the two interpreter gaps we hit.
+On a machine without a GPU the kernels run only through Triton's interpreter, which must be switched on
+(``TRITON_INTERPRET=1``) before this package is imported; :mod:`kernels.interpreter_shim`, imported here,
+then patches the interpreter gaps we hit.
 """
+from . import interpreter_shim  # noqa: F401  (before any kernel module is defined)

@@ -1,10 +1,11 @@
-"""Helpers of tests/test_distributed.py and tests/test_fault_tolerance.py: tiny runs of train.py in
-1 or 2 CPU processes (gloo), a data set on which every world size sees the same global batches, and a
-shared single-process reference run.
+"""Helpers of tests/test_distributed.py, tests/test_fault_tolerance.py and tests/test_slurm.py: tiny
+runs of train.py in several CPU processes (gloo), a data set on which every world size sees the same
+global batches, and a shared single-process reference run.
 
-Launching: ``torchrun --nproc_per_node N`` (``launch="torchrun"``) or, as ``slurm/`` does with
-``srun``, N plain processes given ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` /
-``MASTER_PORT`` (``launch="ranks"``), which is what lets a test signal one rank.
+Launching: ``torchrun --nproc_per_node N`` (``launch="torchrun"``); as ``slurm/`` does with ``srun``,
+N plain processes given ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``
+(``launch="ranks"``), which is what lets a test signal one rank; or the real ``slurm/*.sbatch`` script
+under the emulated SLURM of tests/fake_slurm.py (:func:`submit`).
 """
 import json
 import os
@@ -15,6 +16,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "tests", "train_entry.py")
+FAKE_SLURM = os.path.join(ROOT, "tests", "fake_slurm.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from bench_distributed import kill_tree  # noqa: E402  (SIGKILL a launcher and all its workers)
 
@@ -56,7 +58,8 @@ def free_port() -> int:
 
 def env(**extra) -> dict:
     base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU")}
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU",
+                         "RUN_DIR", "REPO", "PYTHON") and not k.startswith(("SLURM_", "FAKE_SLURM_"))}
     return {**base, "OMP_NUM_THREADS": "1", **extra}
 
 
@@ -80,6 +83,17 @@ def start(run_dir, overrides, nproc: int = 1, launch: str = "torchrun", **extra_
                              env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
                                      MASTER_PORT=str(port), **extra_env))
             for r in range(nproc)]
+
+
+def submit(run_dir, overrides, sbatch_args=("--nodes=2", "--ntasks-per-node=2"), script="train_multinode.sbatch",
+           **extra_env) -> subprocess.Popen:
+    """``sbatch slurm/<script> TINY overrides`` to the emulated SLURM (tests/fake_slurm.py), one CPU per
+    rank, ``RUN_DIR=run_dir``; the job runs in the foreground of the returned process (which takes the
+    signals a scheduler would send), its ranks through the emulated srun."""
+    cmd = [sys.executable, FAKE_SLURM, "sbatch", "--cpus-per-task=1", *sbatch_args, os.path.join("slurm", script),
+           *TINY, *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(PYTHON=sys.executable, RUN_DIR=str(run_dir), **extra_env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def finish(procs, timeout: int = 600) -> tuple:

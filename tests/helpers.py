@@ -7,11 +7,12 @@ import torch
 
 
 def run_outside_repo(script: str, cwd, **env) -> subprocess.CompletedProcess:
-    """Run ``python -c script`` in ``cwd`` with the repository off the path (as a user loading an export)."""
+    """Run ``python -c script`` in ``cwd`` with the repository off the path (as a user loading an export), stdin
+    closed (an interactive prompt cannot wait for an answer)."""
     environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **env)
     return subprocess.run([sys.executable, "-c", script], cwd=cwd, env=environ, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, stdin=subprocess.DEVNULL)
 
 
 def rel_err(a, b, floor: float = 1e-12) -> float:

@@ -85,14 +85,14 @@ def test_micro_comparison_reports_four_rows_and_a_broken_run(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["size=huge"], "size=huge: no preset paragru_huge (sizes: 125m, 1b, 3b, 400m, 7b, tiny)"),
     (["tasks=bogus"], "tasks='bogus' is not a task preset"),
-    (["steps=4", "tokens=100"], "steps and tokens: give one of them"),
-    (["archs=[paragru,rwkv]"], "archs=['paragru', 'rwkv']: choose from"),
+    (["steps=4", "tokens=100"], "tokens=100: give steps or tokens, not both"),
+    (["archs=[paragru,rwkv]"], "archs: item 1: expected one of 'paragru', 'paralstm', 'mamba2', 'transformer'"),
     (["mamba2.trainer.batch_size=4", "archs=[paragru]"], "mamba2.*: overrides for an architecture that is not"),
-    (["trainer.max_step=4"], "paragru: Could not override 'trainer.max_step'"),
-    (["data.train_files=[/nonexistent/x.jsonl]"], "paragru: train_files: data file not found"),
+    (["trainer.max_step=4"], "paragru: trainer.max_step: unknown key"),
+    (["data.train_files=[/nonexistent/x.jsonl]"], "paragru: data.train_files: data file not found"),
     (["transformer.model.config.num_attention_heads=3"], "transformer: model.config for arch 'transformer':"),
     (["lr=1e-3"], "lr: not a key of the comparison"),
-    (["steps=-1"], "steps=-1 must be positive"),
+    (["steps=-1"], "steps=-1: must be > 0"),
 ])
 def test_bad_input_stops_before_training(args, needle, tmp_path):
     """Every check runs before the first training: one line naming the key, nothing written.

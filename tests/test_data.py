@@ -11,6 +11,8 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +22,6 @@ import torch
 from tokenizers import Tokenizer
 
 from data.pipeline import (
-    REPO_ROOT,
     ConfigError,
     DataConfig,
     PackedStream,
@@ -29,6 +30,7 @@ from data.pipeline import (
     validation_batches,
 )
 from data.stats import token_byte_lengths, unigram_perplexity
+from training.common import REPO_ROOT
 
 TOKENIZER_DIR = REPO_ROOT / "data" / "tokenizer" / "gpt2"
 EOS = 50256
@@ -291,9 +293,9 @@ def test_missing_file_names_the_file(tmp_path, hf_tok):
     assert "no_such_shard.jsonl" in msg and "train_files" in msg and "\n" not in msg
 
     cfg = fixture_config(tmp_path, make_docs(3))
-    cfg.validation_files = ["nowhere/val-*.jsonl.gz"]  # relative glob, resolved against the repo root
-    with pytest.raises(ConfigError, match=r"validation_files: glob 'nowhere/val-\*\.jsonl\.gz' matches no file"):
-        cfg.validate()
+    cfg.validation_files = ["nowhere/val-*.jsonl.gz"]  # relative glob, resolved against the current directory
+    with pytest.raises(ConfigError, match=r"data.validation_files: glob 'nowhere/val-\*\.jsonl\.gz' matches no file"):
+        cfg.check()
 
 
 @pytest.mark.parametrize("key,value", [("seq_len", 0), ("seq_len", -5), ("format", "csv"), ("shuffle_buffer", -1)])
@@ -306,11 +308,123 @@ def test_bad_values_name_the_key(tmp_path, key, value):
 
 
 def test_unknown_key_and_missing_text_field(tmp_path, hf_tok):
-    with pytest.raises(ConfigError, match="unknown key 'seqlen'"):
+    with pytest.raises(ConfigError, match="data.seqlen: unknown key"):
         DataConfig.from_dict({"name": "x", "seqlen": 8})
     cfg = fixture_config(tmp_path, make_docs(3), text_field="content")
-    with pytest.raises(ConfigError, match="text_field: field 'content' not found"):
+    with pytest.raises(ConfigError, match=r"text_field: \S+train-00.jsonl line 1 has no field 'content' "
+                                          r"\(fields: id, text\)$"):
         next(PackedStream(cfg, hf_tok, batch_size=1))
+
+
+def _parquet_bytes(tmp_path: Path) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a parquet document"] * 4}), tmp_path / "p.parquet")
+    return (tmp_path / "p.parquet").read_bytes()
+
+
+BAD_FILES = {  # file name, format, content (bytes or a function of tmp_path), expected cause
+    "empty": ("x.jsonl", "json", b"", r"is empty$"),
+    "empty gzip": ("x.jsonl.gz", "json", gzip.compress(b""), r"is empty \(no bytes after decompression\)$"),
+    "latin-1": ("x.jsonl", "json", b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+                r"is not UTF-8 text \(line 2, byte 28: invalid continuation byte\); convert it to UTF-8$"),
+    "parquet read as json": ("x.parquet", "json", _parquet_bytes, r"is a parquet file, but data.format=json"),
+    "parquet read as text": ("x.parquet", "text", _parquet_bytes, r"is a parquet file, but data.format=text"),
+    "jsonl read as parquet": ("x.jsonl", "parquet", b'{"text": "a"}\n',
+                              r"is not a parquet file \(no PAR1 magic bytes\), but data.format=parquet"),
+    "plain text read as json": ("x.txt", "json", b"just some text\n", r"is not JSON lines"),
+}
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_data_file_fails_with_one_line_naming_file_and_cause(tmp_path, hf_tok, case, split):
+    """Each bad file, as the train or the validation file, stops with one ConfigError line that names the
+    file and says what is wrong, before any training (the reader's StopIteration / UnicodeDecodeError /
+    ArrowInvalid name neither). Mutation: drop the ``file_problem`` call in ``resolve_data_files`` -> the
+    empty / parquet / latin-1 cases fail (the reader's error, or no error for a parquet file read as text)."""
+    name, fmt, content, cause = BAD_FILES[case]
+    bad = tmp_path / "bad" / name
+    bad.parent.mkdir()
+    bad.write_bytes(content(tmp_path) if callable(content) else content)
+    good = write_jsonl(tmp_path / "good.jsonl", make_docs(6))
+    if fmt == "parquet":
+        good = str(tmp_path / "good.parquet")
+        Path(good).write_bytes(_parquet_bytes(tmp_path))
+    files = {"train_files": [good], "validation_files": [good], f"{split}_files": [str(bad)]}
+    cfg = DataConfig(name="bad", format=fmt, tokenizer=str(TOKENIZER_DIR), seq_len=SEQ, **files)
+    with pytest.raises(ConfigError) as err:
+        if split == "train":
+            next(PackedStream(cfg, hf_tok, batch_size=1))
+        else:
+            validation_batches(cfg, hf_tok, batch_size=1)
+    msg = str(err.value)
+    assert msg.startswith(f"data.{split}_files: {bad} "), msg
+    assert re.search(cause, msg) and "\n" not in msg, msg
+
+
+def test_directory_as_data_file_says_it_is_a_directory(tmp_path, hf_tok):
+    """Mutation: drop the ``os.path.isdir`` branch of ``resolve_data_files`` -> "data file not found" -> fails."""
+    cfg = fixture_config(tmp_path, make_docs(3))
+    cfg.train_files = [str(tmp_path)]
+    with pytest.raises(ConfigError, match=rf"data.train_files: '{re.escape(str(tmp_path))}' is a directory, not a data "
+                                          r"file \(list its files"):
+        PackedStream(cfg, hf_tok, batch_size=1)
+
+
+FILLER = [{"text": f"document {i} " + "word " * 60} for i in range(300)]  # > 64 KiB: past the first-bytes checks
+
+
+@pytest.mark.parametrize("bad_line, cause", [
+    (b'{"text": "caf\xe9"}', r"is not UTF-8 text \(line 301, byte \d+: invalid continuation byte\)"),
+    (b'{"text": "unclosed"', r"line 301 is not valid JSON"),
+    (b'{"content": "no text field"}', r"line 301 has no field 'text' \(fields: content\)"),
+])
+def test_error_deep_inside_a_file_names_file_and_line(tmp_path, hf_tok, bad_line, cause):
+    """An error the reader raises lazily, deep in the second train file (beyond what the first-bytes checks
+    read), is reported as one line naming that file and the line. Mutation: in ``DocumentSource._pull``
+    let the reader's exception through (no ``reading_error``) -> UnicodeDecodeError / ArrowInvalid -> fails."""
+    first = write_jsonl(tmp_path / "first.jsonl", make_docs(4))
+    second = tmp_path / "second.jsonl"
+    write_jsonl(second, FILLER)
+    with open(second, "ab") as f:
+        f.write(bad_line + b"\n")
+    assert second.stat().st_size > 64 << 10
+    cfg = DataConfig(name="deep", format="json", train_files=[first, str(second)], validation_files=[first],
+                     tokenizer=str(TOKENIZER_DIR), seq_len=256)
+    stream = PackedStream(cfg, hf_tok, batch_size=8)
+    with pytest.raises(ConfigError) as err:
+        for _ in range(100):
+            next(stream)
+    msg = str(err.value)
+    assert str(second) in msg and re.search(cause, msg) and "\n" not in msg, msg
+
+
+@pytest.mark.slow
+def test_train_py_reports_a_lazy_data_error_as_one_line(tmp_path):
+    """Through train.py: a validation file whose bad bytes lie past the first-bytes checks (so the reader
+    fails inside the stream, while train.py builds its validation batches) gives ``error: ...`` naming
+    the file, exit 2 and no traceback. Mutation: remove ``ConfigError`` from train.py's ``except`` -> a
+    traceback, exit 1 -> fails."""
+    import subprocess
+    import sys
+
+    val = tmp_path / "val.jsonl"
+    write_jsonl(val, FILLER)
+    with open(val, "ab") as f:
+        f.write(b'{"text": "caf\xe9"}\n')
+    overrides = ["model.config.hidden_size=32", "model.config.num_hidden_layers=1", "data.seq_len=32",
+                 "data.validation_rows=null", f"data.validation_files=[{val}]", "trainer.max_steps=2",
+                 "trainer.warmup_steps=1", "trainer.batch_size=2", f"run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *overrides], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    byte = val.stat().st_size - 4
+    assert errors == [f"error: data.validation_files: {val} is not UTF-8 text (line 301, byte {byte}: "
+                      f"invalid continuation byte); convert it to UTF-8"], proc.stderr[-3000:]
 
 
 def test_hub_call_is_built_offline():
@@ -318,12 +432,12 @@ def test_hub_call_is_built_offline():
         "name": "slimpajama", "format": "hub", "hub_path": "DKYoon/SlimPajama-6B", "train_split": "train",
         "validation_split": "validation", "validation_rows": 512,
         "exclude_field": "meta.redpajama_set_name", "exclude_values": "RedPajamaBookSub",
-    }).validate()
+    })
     assert cfg.exclude_values == ["RedPajamaBookSub"]
     assert load_dataset_call(cfg, "train") == (("DKYoon/SlimPajama-6B", None), {"split": "train", "streaming": True})
     assert load_dataset_call(cfg, "validation")[1]["split"] == "validation"
     with pytest.raises(ConfigError, match="validation_rows"):
-        DataConfig(format="hub", hub_path="x/y").validate()
+        DataConfig(format="hub", hub_path="x/y", validation_rows=None).check()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Distributed training on CPU (gloo): DDP, FSDP2 and DeepSpeed ZeRO against one process, sharded
-checkpoints (layout, export, resume on another world size) and the SLURM scripts.
+checkpoints (layout, export, resume on another world size). The SLURM scripts: tests/test_slurm.py.
 
 Every run is a real ``train.py`` (through tests/train_entry.py) on a tiny ParaGRU (hidden 32, 1 layer,
 seq 32, global batch 4, 10 steps) and on a data set whose documents are one row each, so 1 and 2
@@ -7,8 +7,6 @@ processes see the same rows in every global batch (tests/distributed_helpers.py)
 """
 import json
 import os
-import shlex
-import subprocess
 
 import distributed_helpers as h
 import pytest
@@ -40,9 +38,11 @@ def _assert_matches_reference(run_dir, reference, strategy):
     h.assert_close(h.losses(run_dir), h.losses(reference[0]), tol=1e-4)
 
 
-def _export_equals_final_weights(run_dir, checkpoint_dir, out_dir):
-    """``python -m eval.export``'s path (in this process, no process group) gives the weights that the
-    live export at the end of training wrote."""
+def _export_equals_checkpointed_weights(run_dir, checkpoint_dir, out_dir, expected: dict, tol: float):
+    """``python -m eval.export``'s path (in this process, no process group) gives the weights that the live
+    export at the end of training wrote, and both equal ``expected``: the checkpointed model read without
+    eval.export or save_hf (not the export compared with itself). Mutation: add 1e-3 to a weight in
+    ``save_hf`` -> fails."""
     import torch
     from safetensors.torch import load_file
 
@@ -50,10 +50,18 @@ def _export_equals_final_weights(run_dir, checkpoint_dir, out_dir):
 
     export_checkpoint(str(run_dir), str(checkpoint_dir), str(out_dir))
     live, offline = load_file(run_dir / "hf" / "model.safetensors"), load_file(out_dir / "model.safetensors")
-    assert sorted(live) == sorted(offline)
+    assert sorted(live) == sorted(offline) == sorted(expected)
     for key in live:
         assert torch.equal(live[key], offline[key]), key
+        assert (offline[key].float() - expected[key].float()).abs().max().item() <= tol, key
     assert json.load(open(out_dir / "config.json"))["architectures"] == ["ParaRNNForCausalLM"]
+
+
+def _reference_weights(reference) -> dict:
+    """The single-process reference run's last checkpoint (same training in fp32), read with safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(reference[0] / "checkpoints" / f"step_{h.STEPS:07d}" / "model.safetensors")
 
 
 @pytest.mark.slow
@@ -74,13 +82,15 @@ def test_fsdp2_two_processes_match_one_and_checkpoint_exports(fsdp2_run, referen
     assert not (ckpt / "model.safetensors").exists() and not (ckpt / "optimizer.bin").exists()
     manifest = json.load(open(ckpt / "manifest.json"))
     assert manifest["world_size"] == 2 and "model_optim/__1_0.distcp" in manifest["files"]
-    _export_equals_final_weights(run_dir, ckpt, tmp_path / "export")
-    # the live export of the sharded model is the single-process model's (same training, fp32)
-    from safetensors.torch import load_file
+    # exactly the DCP checkpoint's model, consolidated by torch's own converter
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    sharded = load_file(run_dir / "hf" / "model.safetensors")
-    single = load_file(reference[0] / "hf" / "model.safetensors")
-    assert max((sharded[k] - single[k]).abs().max().item() for k in single) < 1e-4
+    dcp_to_torch_save(ckpt / "model_optim", tmp_path / "consolidated.pt")
+    consolidated = torch.load(tmp_path / "consolidated.pt", weights_only=False)["model"]
+    _export_equals_checkpointed_weights(run_dir, ckpt, tmp_path / "export", consolidated, tol=0.0)
+    # and the single-process model's (same training, fp32)
+    _export_equals_checkpointed_weights(run_dir, ckpt, tmp_path / "export", _reference_weights(reference), tol=1e-4)
 
 
 @pytest.mark.slow
@@ -112,7 +122,7 @@ def test_deepspeed_zero3_trains_like_one_process_and_checkpoint_exports(tmp_path
     ckpt = run_dir / "checkpoints" / "step_0000010"
     files = set(os.listdir(ckpt / "pytorch_model"))
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= files, files
-    _export_equals_final_weights(run_dir, ckpt, tmp_path / "export")
+    _export_equals_checkpointed_weights(run_dir, ckpt, tmp_path / "export", _reference_weights(reference), tol=1e-4)
 
 
 @pytest.mark.parametrize("arch, config, n_layers", [
@@ -132,80 +142,3 @@ def test_every_architecture_shards_per_block(arch, config, n_layers):
     blocks = decoder_blocks(model)
     assert len(blocks) == n_layers and all(b in list(model.modules()) for b in blocks)
     assert all(p.dim() > 0 for p in model.parameters())
-
-
-# ---- SLURM ----------------------------------------------------------------------------------------
-SLURM_FILES = ["train_node.sbatch", "train_multinode.sbatch", "train_array.sbatch", "eval.sbatch",
-               "compare_archs.sh", "common.sh", "task.sh"]
-FAKE_2_NODES = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "pretrain", "SLURM_JOB_NUM_NODES": "2",
-                "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NTASKS": "8",
-                "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_SUBMIT_DIR": ROOT, "DRY_RUN": "1"}
-
-
-def _slurm_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RUN_DIR", "REPO"))}
-    return {**env, **extra}
-
-
-@pytest.mark.parametrize("name", SLURM_FILES)
-def test_slurm_scripts_parse(name):
-    proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "slurm", name)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-
-
-def test_slurm_two_node_dry_run_prints_the_launch_command(tmp_path):
-    # no scontrol here: the first node comes from SLURM_JOB_NODELIST; overrides pass through verbatim
-    overrides = ["model=paragru_1b", "trainer=fsdp2", "data.train_files=[/data/a b/*.parquet]", "seed=7"]
-    proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "train_multinode.sbatch"), *overrides],
-                          cwd=tmp_path, env=_slurm_env(**FAKE_2_NODES, PATH="/usr/bin:/bin"),
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    python = os.path.join(ROOT, ".venv", "bin", "python")
-    assert shlex.split(proc.stdout) == [
-        "env", "MASTER_ADDR=gpu-07", "MASTER_PORT=24242",
-        "srun", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=4",
-        "bash", os.path.join(ROOT, "slurm", "task.sh"), python if os.path.exists(python) else "python",
-        os.path.join(ROOT, "train.py"), *overrides, f"run_dir={ROOT}/runs/pretrain-4242"]
-    assert "2 node(s) x 4 rank(s)" in proc.stderr
-
-
-def test_slurm_task_wrapper_maps_slurm_variables_to_torch_distributed():
-    env = _slurm_env(SLURM_PROCID="5", SLURM_LOCALID="1", SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="4(x2)",
-                     SLURM_NODEID="1", MASTER_ADDR="gpu-07", MASTER_PORT="24242")
-    proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "task.sh"), "env"], env=env, capture_output=True,
-                          text=True)
-    got = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
-    assert {k: got[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")} == {
-        "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu-07"}
-
-
-def test_slurm_array_splits_one_token_budget_over_four_architectures(tmp_path):
-    seen = {}
-    for task in range(4):
-        env = _slurm_env(SLURM_ARRAY_JOB_ID="900", SLURM_ARRAY_TASK_ID=str(task), SLURM_JOB_ID=str(901 + task),
-                         SLURM_NTASKS_PER_NODE="8", SLURM_JOB_NODELIST="node1", SLURM_SUBMIT_DIR=ROOT,
-                         DRY_RUN="1", SIZE="1b", TOKENS=str(2**30), GLOBAL_BATCH="64", SEQ_LEN="2048",
-                         PATH="/usr/bin:/bin")
-        proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "train_array.sbatch"), "data=fineweb_edu"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        args = shlex.split(proc.stdout)
-        overrides = args[args.index(os.path.join(ROOT, "train.py")) + 1:]
-        seen[task] = overrides
-        assert "trainer=ddp" in overrides and "data=fineweb_edu" in overrides
-        assert "trainer.max_steps=8192" in overrides and "trainer.warmup_steps=819" in overrides  # 2^30/(64*2048)
-    assert [next(o for o in seen[t] if o.startswith("model=")) for t in range(4)] == [
-        "model=paragru_1b", "model=paralstm_1b", "model=mamba2_1b", "model=transformer_1b"]
-    assert len({next(o for o in seen[t] if o.startswith("run_dir=")) for t in range(4)}) == 4
-    for t in range(4):
-        preset = next(o for o in seen[t] if o.startswith("model=")).split("=")[1]
-        assert os.path.exists(os.path.join(ROOT, "configs", "model", preset + ".yaml"))
-
-
-def test_slurm_eval_job_passes_run_dirs_and_overrides(tmp_path):
-    env = _slurm_env(DRY_RUN="1", RUN_DIRS="runs/a runs/b", SLURM_SUBMIT_DIR=ROOT)
-    proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "eval.sbatch"), "tasks=paper", "limit=10"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    args = shlex.split(proc.stdout)
-    assert args[1:] == ["-m", "eval.main", "checkpoints=[runs/a,runs/b]", "device=cuda", "tasks=paper", "limit=10"]

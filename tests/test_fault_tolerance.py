@@ -4,6 +4,7 @@ two), resume after SIGKILL, fall back from a corrupted checkpoint, skip and stop
 Resumed runs must reproduce the losses of the uninterrupted single-process reference run of
 tests/distributed_helpers.py (bit-exactly on one process, within 1e-4 on two).
 """
+import hashlib
 import json
 import os
 import shutil
@@ -86,7 +87,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_after_a_checkpoint(reference, tm
     assert codes == [75, 75], output[-3000:]  # training/preemption.py: EXIT_REQUEUE
     stopped = _steps(run_dir)[-1]
     assert 5 < stopped < h.STEPS and not (run_dir / "summary.json").exists()
-    assert f"stopped by a signal after step {stopped}" in output
+    assert f"stopped after step {stopped}; checkpoint written; re-run the same command" in output
     h.run(run_dir, overrides, nproc=2, launch="ranks")
     h.assert_close(h.losses(run_dir), h.losses(ref_dir), tol=1e-4)
 
@@ -108,17 +109,49 @@ def test_sigkilled_fsdp2_run_resumes_from_its_sharded_checkpoint(reference, tmp_
 
 
 @pytest.mark.slow
-def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
+@pytest.mark.parametrize("corrupt", ["zeroed header", "4 KiB overwritten"])
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, corrupt):
+    """The newest checkpoint corrupted without changing its size: the re-run warns naming the file, resumes
+    from step 5 and reproduces the reference losses. Mutation: ``verify`` checks sizes only -> safetensors
+    error (zeroed header) or a run resumed from garbage weights (4 KiB) -> fails."""
     ref_dir, data = reference
     run_dir = tmp_path / "corrupted"
     shutil.copytree(ref_dir, run_dir, ignore=shutil.ignore_patterns("hf", "summary.json"))
-    weights = run_dir / "checkpoints" / "step_0000010" / "model.safetensors"
-    with open(weights, "r+b") as f:
-        f.truncate(weights.stat().st_size // 2)
+    SAME_SIZE_CORRUPTIONS[corrupt](run_dir / "checkpoints" / "step_0000010" / "model.safetensors")
     _, output = h.run(run_dir, data)
-    assert "step_0000010 is incomplete or corrupted; falling back" in output
+    assert ("step_0000010 is incomplete or corrupted: model.safetensors is corrupted (its SHA-256 differs from the "
+            "manifest's); falling back") in output
     assert "resumed from" in output and "step_0000005 (step 5" in output
     assert h.losses(run_dir) == h.losses(ref_dir)
+
+
+@pytest.mark.slow
+def test_export_of_a_run_with_a_corrupted_newest_checkpoint_uses_the_older_one(reference, tmp_path, capsys):
+    """``python -m eval.export RUN`` skips the corrupted step 10 (warning naming the file) and exports step 5's
+    weights, read back from both files with safetensors; naming the corrupted checkpoint explicitly fails
+    with one line, exit 2. Mutation: ``verify`` checks sizes only -> step 10's damaged file is exported or
+    the export fails with a SafetensorError -> fails."""
+    import torch
+    from safetensors.torch import load_file
+
+    from eval.export import main as export_main
+
+    ref_dir, _ = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir, ignore=shutil.ignore_patterns("hf"))
+    newest = run_dir / "checkpoints" / "step_0000010"
+    overwrite_middle(newest / "model.safetensors")
+    with pytest.warns(UserWarning, match="step_0000010 is incomplete or corrupted: model.safetensors is corrupted"):
+        export_main([str(run_dir), "--out", str(tmp_path / "hf")])
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    older = load_file(run_dir / "checkpoints" / "step_0000005" / "model.safetensors")
+    assert sorted(exported) == sorted(older) and all(torch.equal(exported[k], older[k]) for k in older)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(run_dir), "--checkpoint", str(newest), "--out", str(tmp_path / "hf2")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: checkpoint {newest} is incomplete or corrupted: model.safetensors is corrupted")
 
 
 @pytest.mark.slow
@@ -127,9 +160,9 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(reference, tmp_pa
     in a row (steps 6-8, trainer.max_nonfinite_steps=3) stop the run with one clear line."""
     _, data = reference
     run_dir = tmp_path / "nan"
-    codes, output = h.run(run_dir, [*data, "+trainer.max_nonfinite_steps=3"], check=False, TEST_NAN_STEPS="3,6,7,8")
+    codes, output = h.run(run_dir, [*data, "trainer.max_nonfinite_steps=3"], check=False, TEST_NAN_STEPS="3,6,7,8")
     assert codes == [1], output[-3000:]
-    assert "error: stopping: 3 non-finite losses in a row" in output and "Traceback" not in output
+    assert "error: stopping at step 8: 3 non-finite losses" in output and "Traceback" not in output
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if "loss" in line]
     by_step = {r["step"]: r for r in records if "split" not in r}
     assert by_step[3]["loss"] != by_step[3]["loss"]  # NaN
@@ -162,11 +195,14 @@ def test_checkpoints_are_atomic_verified_and_pruned(tmp_path):
     assert names == ["step_0000002", "step_0000003"]  # keep_last=2, no .tmp left behind
     manifest = json.load(open(tmp_path / "step_0000003" / "manifest.json"))
     assert manifest["step"] == 3 and set(manifest["files"]) == {"model.safetensors", "data_rank0.pt"}
+    weights = tmp_path / "step_0000003" / "model.safetensors"
+    assert manifest["files"]["model.safetensors"] == {"size": 100, "sha256": hashlib.sha256(weights.read_bytes())
+                                                      .hexdigest()}
     (tmp_path / "step_0000004.tmp").mkdir()  # a save that died before its rename: never a candidate
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == names
     assert ckpt.latest().endswith("step_0000003")
     os.remove(tmp_path / "step_0000003" / "manifest.json")  # died between rename and... / manifest lost
-    with pytest.warns(UserWarning, match="step_0000003 is incomplete or corrupted"):
+    with pytest.warns(UserWarning, match="step_0000003 is incomplete or corrupted: no manifest.json"):
         assert ckpt.latest().endswith("step_0000002")
     with open(tmp_path / "step_0000002" / "model.safetensors", "ab") as f:
         f.write(b"x")  # size no longer matches the manifest
@@ -174,6 +210,52 @@ def test_checkpoints_are_atomic_verified_and_pruned(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert ckpt.latest() is None
+
+
+def zero_header(path):
+    """Bytes 8-200 zeroed: the safetensors header, same size."""
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(bytes(193))
+
+
+def overwrite_middle(path):
+    """4 KiB of 0x7f bytes in the middle of the file (float32 3.4e38s in the tensor data), same size."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\x7f" * 4096)
+
+
+SAME_SIZE_CORRUPTIONS = {"zeroed header": zero_header, "4 KiB overwritten": overwrite_middle}
+
+
+class WeightsAccelerator(FakeAccelerator):
+    """Writes 64 KiB of weights per checkpoint."""
+
+    def save_state(self, path):
+        os.makedirs(path)
+        with open(os.path.join(path, "model.safetensors"), "wb") as f:
+            f.write(os.urandom(64 << 10))
+
+
+@pytest.mark.parametrize("corrupt", list(SAME_SIZE_CORRUPTIONS))
+def test_same_size_corruption_is_detected_by_checksum(tmp_path, corrupt):
+    """A corruption that keeps the file size is caught by the manifest's SHA-256: warning naming the file,
+    fallback to the older checkpoint. Mutation: compare sizes only in ``verify`` (skip the hash loop) ->
+    the corrupted step 2 is returned -> fails."""
+    from training.checkpoint import Checkpointer, verify
+
+    ckpt = Checkpointer(WeightsAccelerator(), str(tmp_path), keep_last=5)
+    for step in (1, 2):
+        ckpt.save(step, {"pos": step})
+    weights = tmp_path / "step_0000002" / "model.safetensors"
+    size = weights.stat().st_size
+    SAME_SIZE_CORRUPTIONS[corrupt](weights)
+    assert weights.stat().st_size == size
+    assert verify(str(tmp_path / "step_0000002")) == ("model.safetensors is corrupted (its SHA-256 differs from "
+                                                      "the manifest's)")
+    with pytest.warns(UserWarning, match=r"step_0000002 is incomplete or corrupted: model.safetensors is corrupted"):
+        assert ckpt.latest().endswith("step_0000001")
 
 
 def test_preemption_flag_is_set_by_sigusr1_and_sigterm_and_handlers_restored():

@@ -1,4 +1,4 @@
-"""The ParaGRU/ParaLSTM Triton kernels (``kernels.pararnn``) against a float64 sequential oracle.
+"""The ParaGRU/ParaLSTM Triton kernels (``kernels.pararnn``) against the tests' float64 sequential oracle.
 
 Runs on CPU through Triton's interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``) or on a
 GPU. Shapes are tiny because the interpreter is slow; the interpreter's tiles are small too
@@ -15,8 +15,9 @@ import functools
 import pytest
 import torch
 
-from kernels.pararnn import adjoint_backward, available, newton_forward
-from kernels.pararnn.reference import sequential
+from kernels.pararnn import available, solve_backward, solve_forward
+from tests import pararnn_oracle
+from tests.pararnn_oracle import sequential
 
 CELLS = ("gru", "lstm")
 METHODS = ("newton", "sweep")
@@ -95,14 +96,14 @@ def test_forward_and_backward(cell, method, dtype, case):
     P, A, C, h0, reset, grad = make_inputs(cell, case, dtype)
     h_ref, dP_ref, dA_ref, dC_ref, dh0_ref = oracle(cell, case, dtype)
     tol = TOL[dtype]
-    h, res = newton_forward(cell, _dev(P), _dev(A), _dev(C), _dev(h0), _dev(reset), 3, True, method=method)
+    h, res = solve_forward(cell, _dev(P), _dev(A), _dev(C), _dev(h0), _dev(reset), residual=True, method=method)
     assert h.dtype == dtype and tuple(h.shape) == tuple(h_ref.shape)
     assert res.dim() == 0 and res.dtype == torch.float32
     assert float(res) <= 1e-5
     assert rel_err(h, h_ref) <= tol
     # backward along the oracle's trajectory (the contract: h is treated as exact)
-    dP, dA, dC, db, dh0 = adjoint_backward(cell, _dev(P), _dev(A), _dev(C), _dev(h0), _dev(reset),
-                                           _dev(h_ref.to(dtype)), _dev(grad.to(dtype)), method=method)
+    dP, dA, dC, db, dh0 = solve_backward(cell, _dev(P), _dev(A), _dev(C), _dev(h0), _dev(reset),
+                                         _dev(h_ref.to(dtype)), _dev(grad.to(dtype)), method=method)
     assert db is None
     assert dP.dtype == dtype and dA.dtype == torch.float32
     assert rel_err(dP, dP_ref) <= tol
@@ -124,8 +125,8 @@ def test_newton_iterations_converge(cell):
     h_ref = oracle(cell, "odd", torch.float32)[0]
     errs = []
     for iters in (1, 3):
-        h, res = newton_forward(cell, _dev(P), _dev(A), _dev(C), _dev(h0), _dev(reset), iters, True,
-                                method="newton")
+        h, res = solve_forward(cell, _dev(P), _dev(A), _dev(C), _dev(h0), _dev(reset), newton_iters=iters,
+                               residual=True, method="newton")
         errs.append(rel_err(h, h_ref))
     assert errs[1] <= 1e-5 < errs[0]
 
@@ -145,13 +146,13 @@ def test_general_strides(cell, method):
     rst_big[..., 0] = reset
     rs = rst_big[..., 0]
     h_ref, dP_ref, dA_ref, dC_ref, dh0_ref = oracle(cell, "odd", torch.float32)
-    h, _ = newton_forward(cell, _dev(Ps), _dev(A), _dev(C), _dev(h0s), _dev(rs), method=method)
+    h, _ = solve_forward(cell, _dev(Ps), _dev(A), _dev(C), _dev(h0s), _dev(rs), method=method)
     assert rel_err(h, h_ref) <= 1e-5
     g_big = torch.zeros(B, T, K, N + 3)
     g_big[..., :N] = grad
     hs = h_ref.float().permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # last dim not contiguous
-    dP, dA, dC, _, dh0 = adjoint_backward(cell, _dev(Ps), _dev(A), _dev(C), _dev(h0s), _dev(rs), _dev(hs),
-                                          _dev(g_big[..., :N]), method=method)
+    dP, dA, dC, _, dh0 = solve_backward(cell, _dev(Ps), _dev(A), _dev(C), _dev(h0s), _dev(rs), _dev(hs),
+                                        _dev(g_big[..., :N]), method=method)
     assert rel_err(dP, dP_ref) <= 1e-5
     assert rel_err(dA, dA_ref) <= 1e-5
     assert rel_err(dh0, dh0_ref) <= 1e-5
@@ -195,12 +196,11 @@ def test_fused_bias_clip_heads(cell, method, case):
     wrt = leaves + ([C64] if C64 is not None else [])
     refs = torch.autograd.grad((h_ref[:, :, -1] * gy.double()).sum(), wrt)
 
-    h, _ = newton_forward(cell, _dev(Ph), _dev(A), _dev(C), _dev(h0), _dev(reset), bias=_dev(bias), clip=clip,
-                          method=method)
+    h, _ = solve_forward(cell, _dev(Ph), _dev(A), _dev(C), _dev(h0), _dev(reset), bias=_dev(bias), clip=clip,
+                         method=method)
     assert rel_err(h, h_ref) <= 1e-5
-    dP, dA, dC, db, dh0 = adjoint_backward(cell, _dev(Ph), _dev(A), _dev(C), _dev(h0), _dev(reset),
-                                           _dev(h_ref.float()), _dev(gy), bias=_dev(bias), clip=clip,
-                                           method=method)
+    dP, dA, dC, db, dh0 = solve_backward(cell, _dev(Ph), _dev(A), _dev(C), _dev(h0), _dev(reset),
+                                         _dev(h_ref.float()), _dev(gy), bias=_dev(bias), clip=clip, method=method)
     assert dP.shape == Ph.shape and dP.stride() == Ph.stride()  # written in the head-major layout
     got = [dP.reshape(B, T, 3, N), db, dA, dh0] + ([dC] if cell == "lstm" else [])
     for name, a, r in zip(["dP", "dbias", "dA", "dh0", "dC"], got, refs):
@@ -212,28 +212,26 @@ def test_bad_inputs():
     P = torch.randn(1, 4, 3, 8)
     A = torch.randn(3, 8)
     with pytest.raises(ValueError):
-        newton_forward("rnn", P, A, None, None, None)
+        solve_forward("rnn", P, A, None, None, None)
     with pytest.raises(ValueError):
-        newton_forward("lstm", P, A, None, None, None)  # no C
+        solve_forward("lstm", P, A, None, None, None)  # no C
     with pytest.raises(ValueError):
-        newton_forward("gru", P, A, None, torch.zeros(1, 2, 8), None)  # h0 with K = 2
+        solve_forward("gru", P, A, None, torch.zeros(1, 2, 8), None)  # h0 with K = 2
     with pytest.raises(ValueError):
-        newton_forward("gru", P, A, None, None, torch.zeros(1, 5, dtype=torch.bool))
+        solve_forward("gru", P, A, None, None, torch.zeros(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError):
-        newton_forward("gru", P, A, None, None, None, method="magic")
+        solve_forward("gru", P, A, None, None, None, method="magic")
 
 
 @pytest.mark.parametrize("variant", ["plain", "clip_state", "recompute"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_model_triton_mode_matches_sequential(cell, variant):
-    """``models.pararnn`` cells: mode="triton" (these kernels) vs a float64 sequential copy.
+def test_model_triton_mode_matches_oracle(cell, variant):
+    """``models.pararnn`` cells: mode="triton" (these kernels) vs the float64 oracle with the same weights.
 
     "clip_state": recurrent weights clipped at 0.5 (about half of them beyond it) and a loss on the
     returned final state too (the backward's slow path with a full state gradient). "recompute":
     ``save_projection = False`` (P redone in the backward)."""
     pararnn = pytest.importorskip("models.pararnn")
-    import copy
-
     cls = pararnn.ParaGRU if cell == "gru" else pararnn.ParaLSTM
     torch.manual_seed(1)
     B, T, D, N = 2, 19, 16, 16
@@ -245,28 +243,71 @@ def test_model_triton_mode_matches_sequential(cell, variant):
         with torch.no_grad():
             for w in m32.recurrent_weights():
                 w.uniform_(-1.0, 1.0)
-    m64 = copy.deepcopy(m32).double()
-    m64.mode = "sequential"
     x = torch.randn(B, T, D, device=DEVICE)
     state = 0.5 * torch.randn(B, K * N, device=DEVICE)
     reset = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
     reset[1, 9] = True
     w = torch.randn(B, T, N, device=DEVICE)
     ws = torch.randn(B, K * N, device=DEVICE)
-    outs = []
-    for m, dt in ((m32, torch.float32), (m64, torch.float64)):
-        xx = x.to(dt).requires_grad_()
-        ss = state.to(dt).requires_grad_()
-        y, final = m(xx, state=ss, reset=reset, return_state=True)
-        loss = (y * w.to(dt)).sum() + ((final * ws.to(dt)).sum() if clip else 0.0)
-        params = [p for _, p in sorted(m.named_parameters())]
-        grads = torch.autograd.grad(loss, [xx, ss] + params)
-        outs.append((y, final, grads))
-    (y32, f32, g32), (y64, f64, g64) = outs
+    names = sorted(n for n, _ in m32.named_parameters())
+
+    def loss_and_grads(y, final, leaves):
+        loss = (y * w.to(y.dtype)).sum() + ((final.reshape(B, K * N) * ws.to(y.dtype)).sum() if clip else 0.0)
+        return torch.autograd.grad(loss, leaves)
+
+    xx, ss = x.clone().requires_grad_(), state.clone().requires_grad_()
+    y32, f32 = m32(xx, state=ss, reset=reset, return_state=True)
+    params = dict(m32.named_parameters())
+    g32 = loss_and_grads(y32, f32, [xx, ss] + [params[n] for n in names])
+    p64 = {n: p.detach().double().requires_grad_() for n, p in params.items()}
+    x64, s64 = x.double().requires_grad_(), state.double().requires_grad_()
+    y64, f64 = pararnn_oracle.apply(cell, x64, p64["B"], p64["b"], p64["A"], p64.get("C"), s64.reshape(B, K, N),
+                                    reset, clip)
+    g64 = loss_and_grads(y64, f64, [x64, s64] + [p64[n] for n in names])
     assert rel_err(y32, y64) <= 1e-5
-    assert rel_err(f32, f64) <= 1e-5
-    for a, b in zip(g32, g64):
-        assert rel_err(a, b) <= 1e-5
+    assert rel_err(f32, f64.reshape(B, K * N)) <= 1e-5
+    for name, a, b in zip(["x", "state"] + names, g32, g64):
+        assert rel_err(a, b) <= 1e-5, name
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_newton_fallback_resolves_unconverged_chains(cell):
+    """``solve_forward(method="newton", fallback_tol=...)``: the gated sweep re-solves exactly the chains whose
+    Newton residual is above the tolerance and counts them; converged chains are left as Newton wrote them.
+    Half the channels get recurrent weights U(±3) (3 iterations do not converge), half U(±0.3).
+
+    Mutation: the sweep's gate returning for every program (``n_bad >= 0``) -> fails; the Newton kernel's
+    residual left at 0 -> fails."""
+    B, T, N = 2, 24, 32  # two 16-channel tiles: the hard half and the easy half
+    g = torch.Generator().manual_seed(5)
+    P = 2.0 * torch.randn(B, T, 3, N, generator=g)
+    amp = torch.cat([torch.full((N // 2,), 3.0), torch.full((N // 2,), 0.3)])
+    A = (torch.rand(3, N, generator=g) * 2 - 1) * amp
+    C = (torch.rand(2, N, generator=g) * 2 - 1) * amp if cell == "lstm" else None
+    h0 = 0.5 * torch.randn(B, K_OF[cell], N, generator=g)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[1, 11] = True
+    ref = sequential(cell, P.double(), A.double(), None if C is None else C.double(), h0.double(), reset)
+    args = [_dev(t) for t in (P, A, C, h0, reset)]
+    h_off, res = solve_forward(cell, *args, residual=True, method="newton")
+    count = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    h_fb, res_fb = solve_forward(cell, *args, residual=True, method="newton", fallback_tol=1e-4, fallback_count=count)
+    hard, easy = (slice(0, N // 2), slice(N // 2, N))
+    assert rel_err(h_off[..., hard], ref[..., hard]) > 1e-3  # Newton alone is wrong on the hard half
+    assert rel_err(h_fb, ref) <= 1e-5
+    assert float(res_fb) == float(res) > 1e-4  # the residual reported is Newton's own
+    assert 0 < int(count) <= B * N // 2  # only chains of the hard half were unconverged
+    assert torch.equal(h_fb[..., easy], h_off[..., easy])  # the easy tile was not touched
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_newton_fallback_is_a_no_op_when_converged(cell):
+    P, A, C, h0, reset, _ = make_inputs(cell, "odd", torch.float32)
+    args = [_dev(t) for t in (P, A, C, h0, reset)]
+    count = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    h_fb, _ = solve_forward(cell, *args, method="newton", fallback_tol=1e-4, fallback_count=count)
+    h_off, _ = solve_forward(cell, *args, method="newton")
+    assert int(count) == 0 and torch.equal(h_fb, h_off)
 
 
 def test_pick_method_rule():
@@ -311,8 +352,8 @@ def test_launch_cache_dispatch(monkeypatch):
     monkeypatch.setattr(api, "_LAUNCHERS", {})
     kern, x = Kernel(), torch.zeros(64)
     consts = {"BLOCK": 16, "FLAG": True}
-    api._launch("fwd", kern, (2, 3), (x,), (32,), consts, 4)
-    api._launch("fwd", kern, (2, 3), (torch.ones(64),), (32,), consts, 4)  # another tensor, same key
+    api._launch(kern, (2, 3), (x,), (32,), consts, 4)
+    api._launch(kern, (2, 3), (torch.ones(64),), (32,), consts, 4)  # another tensor, same key
     assert [c[0] for c in calls] == ["triton", "fast"]
     assert calls[0][2:] == ((x, 32), {"BLOCK": 16, "FLAG": True, "num_warps": 4})
     assert calls[1][1][:9] == (2, 3, 1, "stream", "fn", "meta", None, None, None)
@@ -323,7 +364,7 @@ def test_launch_cache_dispatch(monkeypatch):
                                    ((x,), (32,), {"BLOCK": 16, "FLAG": False}, 4),
                                    ((x,), (32,), consts, 8)):
         calls.clear()
-        api._launch("fwd", kern, (2, 3), ptrs, scalars, cst, nw)
+        api._launch(kern, (2, 3), ptrs, scalars, cst, nw)
         assert [c[0] for c in calls] == ["triton"], (scalars, cst, nw)
 
 

@@ -33,7 +33,7 @@ if os.environ.get("TEST_NAN_STEPS"):
 
     train.lm_loss = lm_loss_with_nans
     sys.argv[0] = os.path.join(ROOT, "train.py")
-    train.main()
+    sys.exit(train.main())
 else:
     sys.argv[0] = os.path.join(ROOT, "train.py")
     runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")

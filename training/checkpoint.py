@@ -3,19 +3,25 @@
 A checkpoint is first written to a ``.tmp`` directory (model, optimizer, scheduler, RNG and custom
 state through ``accelerate``'s ``save_state``; an FSDP2 model and optimizer as a DCP directory, see
 :mod:`training.distributed`; one data-stream state per rank), then a manifest listing every file and
-its size, then renamed into place. Loading takes the newest checkpoint whose manifest matches its
-files; a partial or corrupted one is skipped with a warning. Only the last ``keep_last`` checkpoints
-are kept.
+its size and SHA-256, then renamed into place. Loading takes the newest checkpoint whose files all
+match their manifest entries, by content; a partial or corrupted one is skipped with a warning that
+names the file, and the previous complete one is used (``python -m eval.export`` does the same).
+Only the last ``keep_last`` checkpoints are kept.
+
+Hashing costs one read of the checkpoint at save and one at load, files in parallel threads (hashlib
+releases the GIL): ``benchmarks/bench_checksum.py`` measures it (numbers in ``benchmarks/RESULTS.md``).
 
 A checkpoint written by another number of processes restores model, optimizer, schedule and progress
 (single, DDP and FSDP2 checkpoints reshard; DeepSpeed ZeRO ones refuse) and restarts the data streams
 from the beginning of the training data, with a warning: per-rank data positions do not map to
 another world size.
 """
+import hashlib
 import json
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from accelerate.utils import DistributedType
@@ -30,25 +36,64 @@ def _step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:07d}")
 
 
-def _files(path: str) -> dict:
-    sizes = {}
-    for base, _, names in os.walk(path):
-        for name in names:
-            full = os.path.join(base, name)
-            rel = os.path.relpath(full, path)
-            if rel != MANIFEST:
-                sizes[rel] = os.path.getsize(full)
-    return sizes
+def sha256_file(path: str, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _listing(path: str) -> list[str]:
+    """Every file under ``path`` but the manifest, relative to it."""
+    names = []
+    for base, _, files in os.walk(path):
+        names += [os.path.relpath(os.path.join(base, name), path) for name in files]
+    return sorted(n for n in names if n != MANIFEST)
+
+
+def _hash_all(path: str, names: list[str]) -> list[str]:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, max(1, len(names)))) as pool:
+        return list(pool.map(lambda rel: sha256_file(os.path.join(path, rel)), names))
+
+
+def manifest_files(path: str) -> dict:
+    """``{relative path: {"size": bytes, "sha256": hex}}`` for every file of a checkpoint directory."""
+    names = _listing(path)
+    return {rel: {"size": os.path.getsize(os.path.join(path, rel)), "sha256": digest}
+            for rel, digest in zip(names, _hash_all(path, names))}
+
+
+def verify(path: str) -> str | None:
+    """None if the checkpoint at ``path`` is complete and intact, else why not (one line, naming the file):
+    no or unreadable manifest, a listed file missing, of another size, or with another SHA-256. Manifests
+    from before checksums (sizes only) are checked by size."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save did not finish)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} unreadable ({type(err).__name__})"
+    hashed = []
+    for rel, entry in files.items():
+        full = os.path.join(path, rel)
+        size = entry["size"] if isinstance(entry, dict) else entry
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, the manifest says {size}"
+        if isinstance(entry, dict):
+            hashed.append(rel)
+    for rel, digest in zip(hashed, _hash_all(path, hashed)):
+        if digest != files[rel]["sha256"]:
+            return f"{rel} is corrupted (its SHA-256 differs from the manifest's)"
+    return None
 
 
 def is_complete(path: str) -> bool:
-    """True if ``path`` has a manifest and every file it lists, with the listed size."""
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
-        return all(os.path.getsize(os.path.join(path, rel)) == size for rel, size in manifest["files"].items())
-    except (OSError, ValueError, KeyError):
-        return False
+    """True if ``path`` has a manifest and every file it lists, with the listed size and checksum."""
+    return verify(path) is None
 
 
 def list_checkpoints(root: str) -> list:
@@ -78,9 +123,11 @@ class Checkpointer:
 
     def _latest(self) -> str | None:
         for path in reversed(list_checkpoints(self.root)):
-            if is_complete(path):
+            problem = verify(path)
+            if problem is None:
                 return path
-            warnings.warn(f"checkpoint {path} is incomplete or corrupted; falling back to an older one", stacklevel=2)
+            warnings.warn(f"checkpoint {path} is incomplete or corrupted: {problem}; falling back to an older one",
+                          stacklevel=2)
         return None
 
     def save(self, step: int, data_state: dict) -> str:
@@ -97,7 +144,7 @@ class Checkpointer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump({"step": step, "world_size": acc.num_processes, "files": _files(tmp)}, f, indent=1)
+                json.dump({"step": step, "world_size": acc.num_processes, "files": manifest_files(tmp)}, f, indent=1)
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -1,101 +1,579 @@
-"""Typed views of the Hydra config, checked before any heavy work.
+"""Typed configs of every group of ``train.py`` (``model``, ``data``, ``trainer``, ``wandb``) and the one
+mechanism that builds and checks them (reusable by any entry point: subclass :class:`Config`).
 
-Hydra composes ``configs/``; these dataclasses give each group a schema, so a misspelt key, a wrong
-type or an impossible value stops the run at once with one line naming the key (``ConfigError``).
+torchtitan's style: each group is a dataclass; every field has one default (or none, when a preset must
+set it) and a docstring right under it; choices are ``Literal[...]``. :meth:`Config.from_dict` builds a
+config from a plain mapping (a YAML file, Hydra's composed config) and rejects unknown keys;
+:meth:`Config.check` checks every value against its annotation (a bool is not an int, a float must be
+finite), then the ranges the subclass adds in its own ``check``. Every failure is a
+:class:`~training.common.ConfigError` whose one-line message names the key:
+``trainer.max_steps: expected an int, got 'abc'``.
+
+Hydra only composes: :func:`compose` registers :meth:`Config.schema` (every key with its default) in
+Hydra's ConfigStore as ``schema``, which the top-level YAML lists first in its defaults (see
+configs/config.yaml), so every key exists before the presets and the command line are applied:
+``trainer.lr=1e-3`` works without ``+``, and a misspelt key is still an error. The presets
+(``configs/<group>/*.yaml``) state only what differs from the defaults here. ``python train.py --help``
+prints every key with its default and docstring (:meth:`Config.help`).
+
+Paths: a relative path (data files, tokenizer, run_dir) is relative to the current directory, as for
+any command-line tool; ``${repo:path}`` in a YAML file or an override names a file of this repository
+from anywhere. The defaults name the embedded corpus and tokenizer by absolute paths.
 """
+import ast
 import dataclasses
+import inspect
+import logging
+import math
+import os
+import re
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from training.common import REPO_ROOT, ConfigError  # noqa: F401  (one error type for every config group)
+from training.common import REPO_ROOT, ConfigError
 
+log = logging.getLogger(__name__)
 
-@dataclass
-class ModelConfig:
-    name: str
-    arch: str
-    lr: float
-    weight_decay: float
-    config: dict = field(default_factory=dict)
+OmegaConf.register_new_resolver("repo", lambda path: str(REPO_ROOT / path), replace=True)
 
 
-@dataclass
-class TrainerConfig:
-    device: str = "auto"              # auto | cpu | cuda
-    precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    strategy: str = "single"          # single | ddp | fsdp2 | deepspeed (see training/distributed.py)
-    zero_stage: int = 2               # DeepSpeed ZeRO stage (strategy=deepspeed)
-    batch_size: int = 8               # sequences per optimizer step, over all ranks
-    grad_accum: int = 1
-    max_steps: int = 300
-    warmup_steps: int = 30
-    lr: float | None = None        # None: the model preset's
-    min_lr_ratio: float = 0.0         # cosine floor, as a fraction of lr
-    weight_decay: float | None = None
-    betas: tuple = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    z_loss: float = 1e-4
-    log_every: int = 10
-    val_every: int = 100
-    val_batches: int = 16
-    ckpt_every: int = 100
-    keep_last: int = 2
-    max_nonfinite_steps: int = 5      # stop after this many non-finite losses in a row
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    seed_data: bool = True
+# ------------------------------------------------------------------------------------------------
+# The mechanism
+# ------------------------------------------------------------------------------------------------
+class Config:
+    """Base of the config dataclasses: build from a mapping, check, export, document."""
+
+    KEY: ClassVar[str] = ""
+    """Where this group lives in the composed config (``"trainer"``); ``""`` for a top-level config."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None = None):
+        """Build from a plain mapping, then :meth:`check` it. Unknown keys, missing required values
+        (absent or ``???``) and wrong types raise :class:`ConfigError` naming the key. Only lossless
+        conversions are made: an int for a float, an integral float for an int (``1e4`` from the command
+        line), a list for a tuple, one string for a list of strings, a mapping for a nested config."""
+        values = dict(values or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in values:
+            if name not in fields:
+                raise ConfigError(f"{_key(cls.KEY, name)}: unknown key (known: {', '.join(fields)})")
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for name, f in fields.items():
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if values.get(name) == "???" or (required and name not in values):
+                raise ConfigError(f"{_key(cls.KEY, name)}: missing value (set it in the preset or on the command "
+                                  f"line: {_key(cls.KEY, name)}=...)")
+            if name not in values:
+                continue
+            kwargs[name] = _convert(hints[name], values[name])
+        config = cls(**kwargs)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Every value against its annotation; subclasses add their ranges after ``super().check()``."""
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Config):
+                value.check()
+                continue
+            problem = _type_problem(hints[f.name], value)
+            if problem:
+                raise ConfigError(f"{_key(self.KEY, f.name)}: {problem}")
+
+    def fail(self, name: str, message: str) -> None:
+        """Raise the one-line error of field ``name``."""
+        raise ConfigError(f"{_key(self.KEY, name)}={_show(getattr(self, name))}: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (tuples as lists), e.g. to save as YAML."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        """Every key with its default (``???`` where a preset must set it): the base Hydra composes on."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if isinstance(f.type, type) and issubclass(f.type, Config):
+                out[f.name] = f.type.schema()
+            elif f.default is not dataclasses.MISSING:
+                out[f.name] = _plain(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+                out[f.name] = default.to_dict() if isinstance(default, Config) else _plain(default)
+            else:
+                out[f.name] = "???"
+        return out
+
+    @classmethod
+    def help(cls) -> str:
+        """Every key as it is written on the command line, with its default, its choices and its docstring."""
+        docs, schema, hints, lines = _field_docs(cls), cls.schema(), get_type_hints(cls), []
+        for f in dataclasses.fields(cls):
+            if isinstance(f.type, type) and issubclass(f.type, Config):
+                lines += ["", f"{f.name}: {docs.get(f.name, '')}", f.type.help()]
+                continue
+            tp, _ = _optional(hints[f.name])
+            default = "  (required: set by the preset)" if schema[f.name] == "???" else f"={_cli(schema[f.name])}"
+            choices = f"  [{' | '.join(map(_cli, get_args(tp)))}]" if get_origin(tp) is Literal else ""
+            lines.append(f"  {_key(cls.KEY, f.name)}{default}{choices}")
+            lines += [f"      {line}" for line in _wrap(docs.get(f.name, ""))]
+        return "\n".join(lines).strip("\n")
 
 
-@dataclass
-class WandbConfig:
-    mode: str = "disabled"            # disabled | offline | online
-    project: str = "pararnn-lm"
-    name: str | None = None
-    entity: str | None = None
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
-_CHOICES = {
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "trainer.precision": ("auto", "bf16", "fp32"),
-    "trainer.strategy": ("single", "ddp", "fsdp2", "deepspeed"),
-    "trainer.zero_stage": (1, 2, 3),
-    "wandb.mode": ("disabled", "offline", "online"),
-}
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
 
 
-def to_dataclass(cls, node: Any, prefix: str):
-    """Build dataclass ``cls`` from a config node; unknown keys and wrong types name ``prefix.key``."""
-    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in names:
-            raise ConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(names)})")
-    for key, value in values.items():
-        if isinstance(value, list):
-            values[key] = tuple(value) if names[key].type is tuple else value
+def _cli(value: Any) -> str:
+    """A value as written in an override."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, list):
+        return "[" + ",".join(map(_cli, value)) + "]"
+    return str(value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _wrap(text: str, width: int = 100) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return lines + ([line] if line else [])
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The attribute docstrings (a string literal right under a field), read from the source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _optional(tp) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(args) < len(get_args(tp)):
+            return args[0], True
+    return tp, False
+
+
+def _convert(tp, value: Any) -> Any:
+    """The lossless conversions of :meth:`Config.from_dict`; anything else is left for the type check."""
+    tp, nullable = _optional(tp)
+    if value is None and nullable:
+        return None
+    origin = get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, Config) and isinstance(value, Mapping):
+        return tp.from_dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if origin is tuple and isinstance(value, list):
+        args = get_args(tp)
+        same_length = Ellipsis not in args and len(args) == len(value)
+        return tuple(_convert(a, v) for a, v in zip(args, value)) if same_length else tuple(value)
+    if origin is list and isinstance(value, str) and get_args(tp) == (str,):
+        return [value]
+    if origin is list and isinstance(value, list):
+        return [_convert(get_args(tp)[0], v) for v in value]
+    return value
+
+
+_NAMES = {bool: "a bool (true/false)", int: "an int", float: "a number", str: "a string"}
+
+
+def _type_problem(tp, value: Any) -> str | None:
+    """What is wrong with ``value`` as a ``tp`` (None: nothing)."""
+    tp, nullable = _optional(tp)
+    if value is None:
+        return None if nullable or tp is Any else f"expected {_describe(tp)}, got null"
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return None
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return None
+        return f"expected one of {', '.join(map(_show, args))}; got {_show(value)}"
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {_show(value)}"
+        return None if math.isfinite(value) else f"expected a finite number, got {value}"
+    if tp in (bool, int, str):
+        ok = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+        return None if ok else f"expected {_NAMES[tp]}, got {_show(value)}"
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return f"expected a list, got {_show(value)}"
+        if origin is tuple and Ellipsis not in args and len(value) != len(args):
+            return f"expected {len(args)} values, got {len(value)}: {_show(list(value))}"
+        element_types = [args[0]] * len(value) if origin is list or Ellipsis in args else args
+        for i, (element_type, element) in enumerate(zip(element_types, value)):
+            problem = _type_problem(element_type, element)
+            if problem:
+                return f"item {i}: {problem}"
+        return None
+    if origin is dict or tp is dict:
+        return None if isinstance(value, Mapping) else f"expected a mapping, got {_show(value)}"
+    if isinstance(tp, type):
+        return None if isinstance(value, tp) else f"expected {_describe(tp)}, got {_show(value)}"
+    return None
+
+
+def _describe(tp) -> str:
+    return _NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def compose(schema: type[Config], config_dir: str, config_name: str, overrides: list[str]) -> dict[str, Any]:
+    """Hydra's composition of ``config_dir/config_name.yaml`` (whose defaults list starts with ``schema``:
+    ``schema``'s defaults) with the command-line ``overrides``, resolved to plain values; build the config
+    with ``schema.from_dict`` of it. Creates nothing on disk (no output directory, no ``.hydra``, no log
+    file, unlike ``@hydra.main``) and turns Hydra's and OmegaConf's errors into one-line ConfigErrors."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    ConfigStore.instance().store(name="schema", node=schema.schema())
     try:
-        obj = cls(**values)
-    except TypeError as err:
-        raise ConfigError(f"{prefix}: {err}") from None
-    for f in dataclasses.fields(cls):
-        choices = _CHOICES.get(f"{prefix}.{f.name}")
-        if choices and getattr(obj, f.name) not in choices:
-            raise ConfigError(f"{prefix}.{f.name}={getattr(obj, f.name)!r} is not one of {', '.join(choices)}")
-    return obj
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="train"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_hydra_message(err, schema)) from None
 
 
-def check_trainer(t: TrainerConfig, world_size: int) -> None:
-    """Values that cannot work, before any heavy work."""
-    for key in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "ckpt_every", "keep_last"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"trainer.{key} must be > 0, got {getattr(t, key)}")
-    if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
-        raise ConfigError(f"trainer.warmup_steps must be in [0, max_steps={t.max_steps}], got {t.warmup_steps}")
-    if t.batch_size % (t.grad_accum * world_size):
-        raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by trainer.grad_accum={t.grad_accum} "
-                          f"x world size {world_size}")
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        raise ConfigError(f"trainer.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+def _hydra_message(err: Exception, schema: type[Config]) -> str:
+    """One line out of Hydra's and OmegaConf's multi-line messages, naming the key."""
+    cause = err.__cause__ if err.__cause__ is not None else err
+    full_key = getattr(cause, "full_key", None)
+    text = str(err)
+    if getattr(err, "override", None):  # OverrideParseException: the grammar's complaint
+        reason = [line for line in text.splitlines() if line.strip() and not line.startswith(("See ", "Error parsing"))]
+        return f"cannot parse override '{err.override}': {' '.join(reason)}"
+    if full_key and "not in struct" in str(cause):
+        group: Any = schema
+        for part in full_key.split(".")[:-1]:
+            sub = {f.name: f.type for f in dataclasses.fields(group)}.get(part)
+            group = sub if isinstance(sub, type) and issubclass(sub, Config) else None
+            if group is None:
+                break
+        if group is not None:
+            return f"{full_key}: unknown key (known: {', '.join(f.name for f in dataclasses.fields(group))})"
+        added = re.search(r"use (\+\S+)", text)
+        return f"{full_key}: not in the config" + (f" (to add a key, write {added.group(1)})" if added else "")
+    missing = re.search(r"Could not find '([^']+)'", text)
+    if missing:
+        options = re.search(r"Available options in '[^']+':(.*?)(Config search path|$)", text, re.DOTALL)
+        group, _, name = missing.group(1).rpartition("/")
+        listed = ", ".join(options.group(1).split()) if options else "none"
+        return f"{group}={name}: no such preset in configs/{group}/ (available: {listed})"
+    lines = [line for line in str(cause).splitlines() if line.strip() and not line.startswith("See https://")]
+    if full_key and not any(full_key in line for line in lines):
+        lines.insert(0, f"{full_key}:")
+    return " ".join(lines) or type(cause).__name__
+
+
+# ------------------------------------------------------------------------------------------------
+# The groups of train.py
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig(Config):
+    """The architecture and its recipe: one preset per model in configs/model/ sets every field."""
+
+    KEY: ClassVar[str] = "model"
+
+    name: str
+    """The preset's name, shown in logs, summaries and reports (default run_dir: runs/<name>)."""
+    arch: Literal["pararnn", "transformer", "mamba2"]
+    """Architecture family (models/registry.py)."""
+    lr: float
+    """Peak learning rate of this model (the paper's sweep value for the paper's sizes); trainer.lr overrides it."""
+    weight_decay: float
+    """Decoupled AdamW weight decay of this model; trainer.weight_decay overrides it."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Hyperparameters of the architecture's HF config class (hidden_size, num_hidden_layers, ...),
+    checked by models/registry.py. A key the preset does not set is added with +model.config.KEY=VALUE."""
+
+    def check(self) -> None:
+        super().check()
+        if self.lr <= 0:
+            self.fail("lr", "the learning rate must be > 0")
+        if self.weight_decay < 0:
+            self.fail("weight_decay", "must be >= 0")
+
+
+@dataclass
+class DataConfig(Config):
+    """What to read and how to cut it. The defaults: the State of the Union corpus embedded in data/sotu
+    with the GPT-2 tokenizer embedded in data/tokenizer/gpt2, rows of 256 tokens."""
+
+    KEY: ClassVar[str] = "data"
+
+    name: str = "sotu"
+    """Name of the data set, recorded with the run and its checkpoints' data state."""
+    format: Literal["json", "parquet", "text", "hub"] = "json"
+    """Local json/jsonl(.gz), parquet or text files, or a dataset on the Hugging Face hub."""
+    train_files: list[str] = field(default_factory=lambda: [str(REPO_ROOT / "data/sotu/train.jsonl.gz")])
+    """Local training files: paths or globs (relative to the current directory)."""
+    validation_files: list[str] = field(default_factory=lambda: [str(REPO_ROOT / "data/sotu/validation.jsonl.gz")])
+    """Local validation files: paths or globs (relative to the current directory)."""
+    hub_path: str | None = None
+    """format=hub: the dataset's hub path, as load_dataset(hub_path, hub_name, streaming=True)."""
+    hub_name: str | None = None
+    """format=hub: the dataset's configuration name."""
+    train_split: str = "train"
+    """format=hub: the training split."""
+    validation_split: str | None = "validation"
+    """format=hub: the validation split; null: none."""
+    exclude_field: str | None = None
+    """Drop documents whose field (dotted path, e.g. meta.redpajama_set_name) has a value in exclude_values."""
+    exclude_values: list[str] = field(default_factory=list)
+    """Values of exclude_field to drop (compared as strings)."""
+    text_field: str = "text"
+    """The field holding each document's text (dotted path allowed)."""
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of datasets.load_dataset."""
+    tokenizer: str = str(REPO_ROOT / "data/tokenizer/gpt2")
+    """A tokenizer directory (relative to the current directory) or a hub tokenizer name."""
+    seq_len: int = 256
+    """Tokens per training row (each row carries seq_len + 1 tokens: inputs and shifted labels)."""
+    shuffle_buffer: int = 0
+    """Documents in the shuffle buffer (resumable, part of the checkpoint); 0: file order."""
+    seed: int = 0
+    """Seed of the document shuffle."""
+    validation_rows: int | None = 64
+    """Cap on the validation rows over all ranks; null: the whole validation split."""
+
+    def check(self) -> None:
+        """Values, then (local formats) that every path or glob matches a file."""
+        super().check()
+        if self.seq_len <= 0:
+            self.fail("seq_len", "must be > 0")
+        if self.shuffle_buffer < 0:
+            self.fail("shuffle_buffer", "must be >= 0")
+        if self.validation_rows is not None and self.validation_rows <= 0:
+            self.fail("validation_rows", "must be > 0 or null")
+        if not self.text_field:
+            self.fail("text_field", "must name a field")
+        if not self.tokenizer:
+            self.fail("tokenizer", "must name a directory or a hub tokenizer")
+        if self.exclude_values and not self.exclude_field:
+            self.fail("exclude_values", "set, but data.exclude_field is not")
+        if self.format == "hub":
+            if not self.hub_path:
+                self.fail("hub_path", "format=hub needs a hub path (e.g. 'DKYoon/SlimPajama-6B')")
+            if not self.train_split:
+                self.fail("train_split", "format=hub needs the training split")
+            if self.validation_split and self.validation_rows is None:
+                self.fail("validation_rows", "format=hub needs a cap (the validation split streams in full on "
+                                             "every rank)")
+            return
+        for name in ("train_files", "validation_files"):
+            if not getattr(self, name):
+                self.fail(name, f"no files (set data.{name}=[PATH, ...])")
+        # Imported here: data.pipeline imports this module (the path rules live with the readers).
+        from data.pipeline import resolve_data_files
+
+        resolve_data_files(self.train_files, key="data.train_files")
+        resolve_data_files(self.validation_files, key="data.validation_files")
+
+    def files(self, split: str) -> list[str]:
+        if split not in ("train", "validation"):
+            raise ConfigError(f"data: unknown split '{split}' (expected train or validation)")
+        return list(self.train_files if split == "train" else self.validation_files)
+
+    def has_split(self, split: str) -> bool:
+        if self.format == "hub":
+            return bool(self.train_split if split == "train" else self.validation_split)
+        return bool(self.files(split))
+
+    def absolute(self) -> "DataConfig":
+        """A copy whose local paths are absolute (relative ones are taken from the current directory), so
+        the run's saved config means the same from any directory. A tokenizer that is not a local
+        directory is a hub name and stays as it is."""
+        def absolute(path: str) -> str:
+            return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+        tokenizer = os.path.expanduser(self.tokenizer)
+        return dataclasses.replace(
+            self, train_files=[absolute(p) for p in self.train_files],
+            validation_files=[absolute(p) for p in self.validation_files],
+            tokenizer=os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else self.tokenizer)
+
+
+@dataclass
+class TrainerConfig(Config):
+    """How to train. The defaults: one CPU process, a few minutes of training (configs/trainer/cpu.yaml)."""
+
+    KEY: ClassVar[str] = "trainer"
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available, else the CPU."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on the CPU."""
+    strategy: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
+    """How the model is spread over the processes (training/distributed.py)."""
+    zero_stage: Literal[1, 2, 3] = 2
+    """DeepSpeed ZeRO stage (strategy=deepspeed)."""
+    batch_size: int = 8
+    """Sequences per optimizer step, over all ranks (batch_size / (grad_accum x world size) per rank and micro-step)."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    max_steps: int = 200
+    """Optimizer steps of the run (the length of the cosine schedule)."""
+    warmup_steps: int = 20
+    """Steps of linear warm-up; clamped to max_steps (with a warning) when longer."""
+    lr: float | None = None
+    """Peak learning rate; null: the model preset's model.lr."""
+    min_lr_ratio: float = 0.0
+    """End of the cosine decay, as a fraction of the peak learning rate."""
+    weight_decay: float | None = None
+    """Decoupled weight decay; null: the model preset's model.weight_decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's betas."""
+    eps: float = 1e-8
+    """AdamW's epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value."""
+    z_loss: float = 1e-4
+    """Coefficient of the z-loss, z_loss * mean(logsumexp(logits)^2); 0 disables it."""
+    log_every: int = 10
+    """Steps between loss lines (metrics.jsonl, train.log, the console)."""
+    val_every: int = 50
+    """Steps between validations (and one at the end)."""
+    val_batches: int = 8
+    """Validation batches per rank (at most)."""
+    ckpt_every: int = 50
+    """Steps between checkpoints (and one at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept (the oldest are deleted)."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many non-finite losses or gradient norms in a row (each one's update is skipped)."""
+    max_stalled_steps: int = 20
+    """Stop when the run makes no progress for this many steps in a row: a gradient norm of exactly 0, or,
+    after warm-up, a training loss within 1e-3 of ln(vocab size) (uniform predictions); 0 disables."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
+    memory_check: bool = True
+    """Before training, refuse a run whose estimated memory exceeds what is free (training/memory.py)."""
+    sequence_parallel: int = 1
+    """Ranks per sequence: each holds 1/N of every row's time steps (ParaRNN only; the world is N x the
+    data-parallel size; training/sequence_parallel.py)."""
+
+    def check(self) -> None:
+        super().check()
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "val_batches", "ckpt_every",
+                     "keep_last", "max_nonfinite_steps", "sequence_parallel"):
+            if getattr(self, name) <= 0:
+                self.fail(name, "must be > 0")
+        for name in ("warmup_steps", "max_stalled_steps", "z_loss"):
+            if getattr(self, name) < 0:
+                self.fail(name, "must be >= 0")
+        if self.warmup_steps > self.max_steps:
+            log.warning(f"trainer.warmup_steps={self.warmup_steps} is longer than trainer.max_steps="
+                        f"{self.max_steps}: warm-up clamped to {self.max_steps} steps (set trainer.warmup_steps "
+                        f"to choose another)")
+            self.warmup_steps = self.max_steps
+        if self.lr is not None and self.lr <= 0:
+            self.fail("lr", "the learning rate must be > 0")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            self.fail("weight_decay", "must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            self.fail("min_lr_ratio", "must be in [0, 1]")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            self.fail("betas", "each must be in [0, 1)")
+        for name in ("eps", "grad_clip"):
+            if getattr(self, name) <= 0:
+                self.fail(name, "must be > 0")
+
+    def micro_batch(self, world_size: int) -> int:
+        """Sequences per rank and micro-step (the ranks of a sequence-parallel group share their rows)."""
+        if world_size % self.sequence_parallel:
+            self.fail("sequence_parallel", f"must divide the world size {world_size}")
+        data_parallel = world_size // self.sequence_parallel
+        if self.batch_size % (self.grad_accum * data_parallel):
+            self.fail("batch_size", f"not divisible by trainer.grad_accum={self.grad_accum} x data-parallel size "
+                                    f"{data_parallel} (world size {world_size} / trainer.sequence_parallel)")
+        return self.batch_size // (self.grad_accum * data_parallel)
+
+
+@dataclass
+class WandbConfig(Config):
+    """Weights & Biases logging (metrics.jsonl is always written)."""
+
+    KEY: ClassVar[str] = "wandb"
+
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    """disabled: no wandb; offline: a local wandb run under run_dir/wandb; online: synced."""
+    project: str = "pararnn-lm"
+    """The wandb project."""
+    name: str | None = None
+    """The wandb run's name; null: the run_dir's name."""
+    entity: str | None = None
+    """The wandb entity (team); null: your default."""
+
+
+@dataclass
+class JobConfig(Config):
+    """Everything train.py reads (configs/config.yaml picks one preset per group)."""
+
+    model: ModelConfig
+    """The architecture and its recipe (configs/model/)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data (configs/data/)."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """The training recipe (configs/trainer/)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases."""
+    run_dir: str | None = None
+    """Where every output goes (relative to the current directory); re-running with it resumes.
+    null: runs/<model.name>."""
+    seed: int = 1234
+    """Seed of the model's initialisation and of every random number generator."""
+
+    def check(self) -> None:
+        super().check()
+        sp = self.trainer.sequence_parallel
+        if sp > 1 and self.model.arch != "pararnn":
+            self.trainer.fail("sequence_parallel", f"needs model.arch=pararnn, got {self.model.arch}")
+        if self.data.seq_len % sp:
+            self.trainer.fail("sequence_parallel", f"must divide data.seq_len={self.data.seq_len}")
+
+    @property
+    def lr(self) -> float:
+        return self.trainer.lr if self.trainer.lr is not None else self.model.lr
+
+    @property
+    def weight_decay(self) -> float:
+        return self.trainer.weight_decay if self.trainer.weight_decay is not None else self.model.weight_decay

@@ -46,10 +46,37 @@ be mapped, so the data streams restart from the beginning (with a warning). ``py
 RUN_DIR`` turns any of these into an HF directory (:func:`eval.export.load_checkpoint_state`); the
 end-of-training export gathers the whole fp32 model through :func:`full_state_dict`.
 """
+import os
+
 import torch
 from torch import nn
 
+from training.common import ConfigError
+
 SHARDED_DIR = "model_optim"  # the DCP directory of an FSDP2 checkpoint
+
+
+def make_accelerator(t):
+    """The ``Accelerator`` of ``trainer.device`` / ``precision`` / ``strategy`` / ``grad_accum``."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    use_cuda = torch.cuda.is_available() and t.device != "cpu"
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda: no CUDA device is available")
+    if not use_cuda:
+        # accelerate imports DeepSpeed whenever it is installed (unwrap_model, save_state), and DeepSpeed
+        # then warns that it found no GPU; on the CPU that is known.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    precision = ("bf16" if use_cuda else "fp32") if t.precision == "auto" else t.precision
+    kwargs = {}
+    if not use_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # accelerate leaves the backend unset without CUDA; several CPU processes need gloo.
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    # cpu=True would make accelerate ignore the DeepSpeed plugin; without CUDA the device is the CPU anyway.
+    cpu = not use_cuda and t.strategy != "deepspeed"
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no",
+                       gradient_accumulation_steps=t.grad_accum, **strategy_plugins(t), **kwargs)
 
 
 def strategy_plugins(t) -> dict:
@@ -94,8 +121,6 @@ def shard(accelerator, model: nn.Module, t) -> nn.Module:
     before building the optimizer (sharding replaces the parameters). Other strategies: unchanged.
     First checks that the launcher's accelerate settings do not contradict the strategy."""
     from accelerate.utils import DistributedType
-
-    from training.common import ConfigError
 
     kind = accelerator.distributed_type
     if t.strategy == "deepspeed" and kind != DistributedType.DEEPSPEED:
@@ -210,11 +235,3 @@ def sharded_state(model: nn.Module, optimizer, t):
     model and optimizer shards (accelerate does not know that model); ``None`` for other strategies."""
     return ShardedState(model, optimizer) if t.strategy == "fsdp2" else None
 
-
-def peak_memory(device) -> dict:
-    """This rank's peak CUDA memory so far, in GiB (allocated by tensors, reserved by the allocator);
-    nothing on the CPU."""
-    if device.type != "cuda":
-        return {}
-    return {"peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
-            "peak_mem_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}

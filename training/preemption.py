@@ -3,8 +3,8 @@
 The handler only records the signal. Once per step every rank calls :meth:`Preemption.requested`,
 a max all-reduce of the flag, so all ranks stop after the same step even when the signal reached only
 some of them (a scheduler signalling one node, a user signalling one process). ``train.py`` then
-writes a checkpoint and raises :class:`Preempted`; its ``main`` exits with ``EXIT_REQUEUE`` (75,
-``EX_TEMPFAIL``: "try again later"). Re-running the same command (same ``run_dir``) resumes exactly.
+writes a checkpoint, prints how to resume and exits with ``EXIT_REQUEUE`` (75, ``EX_TEMPFAIL``: "try
+again later"). Re-running the same command (same ``run_dir``) resumes exactly.
 
 SLURM (``slurm/``): ``#SBATCH --signal=B:USR1@300`` signals the batch script 5 minutes before the
 time limit; it forwards USR1 to the ranks, waits, and requeues the job when they exit with 75.
@@ -18,10 +18,6 @@ import torch
 
 EXIT_REQUEUE = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(Exception):
-    """Raised by the training loop after the checkpoint of a requested stop."""
 
 
 class Preemption:

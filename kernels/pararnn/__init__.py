@@ -1,17 +1,14 @@
-"""Fused Triton kernels for the ParaGRU and ParaLSTM cells.
+"""Fused Triton kernels for the ParaGRU and ParaLSTM cells (used by ``models.pararnn``'s ``mode="triton"``).
 
 Public API (see :mod:`kernels.pararnn.api` for the full contract)::
 
-    newton_forward(cell, P, A, C, h0, reset, num_iters=3, want_residual=False) -> (h, residual | None)
-    adjoint_backward(cell, P, A, C, h0, reset, h, grad_h) -> (dP, dA, dC | None, dh0 | None)
-    available() -> bool
+    solve_forward(cell, P, A, C, h0, reset, method=None, newton_iters=3, residual=False, fallback_tol=None, ...)
+        -> (h, residual | None)
+    solve_backward(cell, P, A, C, h0, reset, h, grad_h, method=None, ...) -> (dP, dA, dC, dbias, dh0)
+    available() -> bool;  pick_method(cell, B, T, N, direction) -> "newton" | "sweep"
 
-On a machine without a GPU set ``TRITON_INTERPRET=1`` (and import ``kernels.interpreter_shim``)
-before importing this package.
+On a machine without a GPU set ``TRITON_INTERPRET=1`` before importing this package.
 """
-from . import _interp
-from .api import CONFIGS, METHODS, adjoint_backward, available, newton_forward, pick_method
+from .api import CONFIGS, METHODS, available, pick_method, solve_backward, solve_forward
 
-_interp.apply()  # interpreter only: vectorised custom-combine scans (same values)
-
-__all__ = ["newton_forward", "adjoint_backward", "available", "pick_method", "CONFIGS", "METHODS"]
+__all__ = ["solve_forward", "solve_backward", "available", "pick_method", "CONFIGS", "METHODS"]

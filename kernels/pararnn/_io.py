@@ -110,3 +110,10 @@ def store3(ptr, stride, x0, x1, x2, mask):
     tl.store(ptr, x0.to(ty), mask=mask)
     tl.store(ptr + stride, x1.to(ty), mask=mask)
     tl.store(ptr + 2 * stride, x2.to(ty), mask=mask)
+
+
+@triton.jit
+def unconverged(res_row, offs_n, mask_n, tol):
+    """How many of the channels ``offs_n`` have a residual above ``tol`` or not finite (NaN compares false)."""
+    r = tl.load(res_row + offs_n, mask=mask_n, other=0.0)
+    return tl.sum((~(r <= tol) & mask_n).to(tl.int32), axis=0)

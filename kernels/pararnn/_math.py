@@ -54,6 +54,12 @@ def tanh(x):
     return 2.0 * rcp(1.0 + ex2(x * (-2.0 * LOG2E))) - 1.0
 
 
+@triton.jit
+def nan_to_inf(x):
+    """``x`` with NaN replaced by +inf, so that a max over it reports a diverged solve (max may drop NaN)."""
+    return tl.where(x == x, x, float("inf"))
+
+
 # ---------------------------------------------------------------------------------------------- GRU
 @triton.jit
 def gru_gates(s, pz, pr, pc, az, ar, ac):

@@ -1,4 +1,4 @@
-"""Public entry points of the ParaRNN Triton kernels: :func:`newton_forward`, :func:`adjoint_backward`.
+"""Public entry points of the ParaRNN Triton kernels: :func:`solve_forward`, :func:`solve_backward`.
 
 Two kernel families solve the same recurrence (see ``newton.py`` and ``sweep.py``):
 
@@ -12,7 +12,8 @@ In the backward both families solve the same linear adjoint recurrence exactly (
 "newton" one by a tiled reverse scan, the sweep step by step.
 
 ``method=None`` picks by shape with :func:`pick_method` (the rule and the measurements behind it
-are in ``kernels/pararnn/NOTES.md``). No host synchronisation happens in these functions.
+are in ``docs/kernels.md``). No host synchronisation happens in these functions: the forward's check of
+Newton's convergence (``fallback_tol``) and its exact re-solve of unconverged chains happen on the GPU.
 
 What the kernels take over from the cell so that one training step issues few host-side ops (at
 T = 512 the launch overhead, not the GPU, sets the eager speed): P straight from a per-head GEMM
@@ -59,17 +60,13 @@ CONFIGS = {
 }
 
 # pick_method: the sweep is used once there are at least this many independent chains (B·N).
-# From H200 measurements (bf16, kernels/pararnn/NOTES.md, run 2), B·N from 256 to 16384:
+# From H200 measurements (bf16, docs/kernels.md, run 2), B·N from 256 to 16384:
 # * GRU fwd: Newton faster up to 8192 chains, the sweep from 16384 -> switch at 12288;
 # * LSTM fwd: the sweep was faster at every measured shape -> always;
 # * GRU bwd: the tiled scan (Newton family) was faster at every measured shape; the sweep's time is
 #   flat in B·N while the scan's grows, so it is switched at 32768 chains (an extrapolation, unmeasured);
 # * LSTM bwd: tiled scan faster up to 4096 chains, the sweep from 8192.
 SWEEP_MIN_CHAINS = {"fwd": {"gru": 12288, "lstm": 0}, "bwd": {"gru": 32768, "lstm": 8192}}
-
-# The compiled kernel of the last launch per direction (host-side bookkeeping for benchmarks:
-# registers, spills, IR). Not used by the computation.
-LAST_LAUNCH = {}
 
 
 def available() -> bool:
@@ -81,15 +78,8 @@ def available() -> bool:
     return _INTERPRET or torch.cuda.is_available()
 
 
-# Benchmark hook: {(cell, direction, B, T, N): method} consulted before the rule (empty in normal use).
-METHOD_OVERRIDE = {}
-
-
 def pick_method(cell: str, B: int, T: int, N: int, direction: str) -> str:
     """Kernel family for a shape: ``"sweep"`` when ``B·N`` alone fills the GPU, else ``"newton"``."""
-    forced = METHOD_OVERRIDE.get((cell, direction, B, T, N))
-    if forced is not None:
-        return forced
     return "sweep" if B * N >= SWEEP_MIN_CHAINS[direction][cell] else "newton"
 
 
@@ -172,11 +162,11 @@ def _lastdim_contig(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def newton_forward(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tensor | None,
-                   reset: Tensor | None, num_iters: int = 3, want_residual: bool = False, *,
-                   bias: Tensor | None = None, clip: float | None = None,
-                   out_dtype: torch.dtype | None = None, method: str | None = None,
-                   config: dict | None = None) -> tuple[Tensor, Tensor | None]:
+def solve_forward(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tensor | None, reset: Tensor | None,
+                  *, method: str | None = None, newton_iters: int = 3, residual: bool = False,
+                  fallback_tol: float | None = None, fallback_count: Tensor | None = None,
+                  bias: Tensor | None = None, clip: float | None = None, out_dtype: torch.dtype | None = None,
+                  config: dict | None = None) -> tuple[Tensor, Tensor | None]:
     """Solve the cell's state trajectory over the whole sequence.
 
     Args:
@@ -190,15 +180,20 @@ def newton_forward(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tensor
         h0: ``[B, K, N]`` initial state, or None (zeros).
         reset: ``[B, T]`` bool, True where a document starts (the state entering that step is
             zero), or None.
-        num_iters: Newton iterations per time tile after the initial guess ``f(0, P_t)``
-            (``"newton"`` method only; the sweep computes the exact recurrence).
-        want_residual: also return ``max |f(h_{t-1}, P_t) − h_t|`` over everything for the final
-            fp32 iterate (before rounding to the output dtype). The sweep is exact, so it returns 0.
+        method: ``"newton"`` (time tiles, ``newton_iters`` Newton iterations per tile after the initial
+            guess ``f(0, P_t)``), ``"sweep"`` (the exact recurrence, step by step) or None (by shape,
+            :func:`pick_method`).
+        residual: also return ``max |f(h_{t-1}, P_t) − h_t|`` over everything for Newton's final fp32
+            iterate (before rounding to the output dtype, before any re-solve). The sweep is exact: 0.
+        fallback_tol: Newton only: every chain (b, channel) whose residual is above this (or not finite)
+            is solved again by the sweep, which is launched anyway and returns at once for converged
+            chains (no host synchronisation). None: no check.
+        fallback_count: 0-d int64 tensor the number of re-solved chains is added to (atomically).
         bias: ``[3, N]`` projection bias added to P inside the kernel, or None.
         clip: if set, A (and C) are clamped to ``[-clip, clip]`` inside the kernel.
         out_dtype: dtype of h (default: P's).
-        method: ``"newton"``, ``"sweep"`` or None (by shape, :func:`pick_method`).
-        config: optional launch-parameter overrides (``BLOCK_T``/``BLOCK_N``/``CHUNK``/``num_warps``).
+        config: optional launch-parameter overrides (``BLOCK_T``/``BLOCK_N``/``CHUNK``/``num_warps``) of the
+            method's kernel.
 
     Returns:
         ``(h [B, T, K, N], residual 0-d fp32 tensor or None)``. Math is fp32 throughout.
@@ -210,28 +205,39 @@ def newton_forward(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tensor
     P = _lastdim_contig(P)
     H = torch.empty(B, T, K, N, device=P.device, dtype=out_dtype or P.dtype)
     if B == 0 or T == 0 or N == 0:
-        return H, (torch.zeros((), device=P.device, dtype=torch.float32) if want_residual else None)
-    grid, nw, flags, ptrs, scalars = _launch_args(cell, "fwd", method, config, P, A, C, bias, h0, reset, clip,
-                                                  B, T, N, NH)
+        return H, (torch.zeros((), device=P.device, dtype=torch.float32) if residual else None)
     s_h = (H.stride(0), H.stride(1)) + ((H.stride(2),) if cell == "lstm" else ())
-    if method == "newton":
-        res_buf = torch.empty(grid[0] * B, device=P.device, dtype=torch.float32) if want_residual else A
-        kern = _newton.gru_newton_fwd_kernel if cell == "gru" else _newton.lstm_newton_fwd_kernel
-        _launch("fwd", kern, grid, (*ptrs, H, res_buf), (*scalars, *s_h),
-                dict(NUM_ITERS=num_iters, WANT_RES=want_residual, **flags), nw)
-        residual = res_buf.amax() if want_residual else None
-    else:
-        kern = _sweep.gru_sweep_fwd_kernel if cell == "gru" else _sweep.lstm_sweep_fwd_kernel
-        _launch("fwd", kern, grid, (*ptrs, H), (*scalars, *s_h), flags, nw)
-        residual = torch.zeros((), device=P.device, dtype=torch.float32) if want_residual else None
-    return H, residual
+    args = (cell, P, A, C, bias, h0, reset, clip, B, T, N, NH, H, s_h)
+    if method == "sweep":
+        _sweep_forward(*args, config, None)
+        return H, (torch.zeros((), device=P.device, dtype=torch.float32) if residual else None)
+    check = fallback_tol is not None
+    res = torch.empty(B, N, device=P.device, dtype=torch.float32) if residual or check else A
+    grid, nw, flags, ptrs, scalars = _launch_args(cell, "fwd", "newton", config, P, A, C, bias, h0, reset, clip,
+                                                  B, T, N, NH)
+    kern = _newton.gru_newton_fwd_kernel if cell == "gru" else _newton.lstm_newton_fwd_kernel
+    _launch(kern, grid, (*ptrs, H, res), (*scalars, *s_h),
+            dict(NUM_ITERS=newton_iters, WANT_RES=residual or check, **flags), nw)
+    if check:
+        if fallback_count is None:
+            fallback_count = torch.zeros((), device=P.device, dtype=torch.int64)
+        _sweep_forward(*args, None, (res, fallback_count, float(fallback_tol)))
+    return H, (res.amax() if residual else None)
 
 
-def adjoint_backward(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tensor | None,
-                     reset: Tensor | None, h: Tensor, grad_h: Tensor, *,
-                     bias: Tensor | None = None, clip: float | None = None,
-                     method: str | None = None, config: dict | None = None
-                     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+def _sweep_forward(cell, P, A, C, bias, h0, reset, clip, B, T, N, NH, H, s_h, config, gate) -> None:
+    """The sweep kernel into ``H``; ``gate = (residuals [B, N], count, tol)`` limits it to unconverged chains."""
+    grid, nw, flags, ptrs, scalars = _launch_args(cell, "fwd", "sweep", config, P, A, C, bias, h0, reset, clip,
+                                                  B, T, N, NH)
+    res, count, tol = gate if gate is not None else (A, A, 0.0)
+    kern = _sweep.gru_sweep_fwd_kernel if cell == "gru" else _sweep.lstm_sweep_fwd_kernel
+    _launch(kern, grid, (*ptrs, H, res, count), (*scalars, *s_h, tol), dict(GATED=gate is not None, **flags), nw)
+
+
+def solve_backward(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tensor | None, reset: Tensor | None,
+                   h: Tensor, grad_h: Tensor, *, bias: Tensor | None = None, clip: float | None = None,
+                   method: str | None = None, config: dict | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Backward of the trajectory: adjoint recurrence plus the local VJPs, in one kernel.
 
     The saved trajectory ``h`` is treated as exact. ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}`` (``J_{t+1}``
@@ -239,11 +245,13 @@ def adjoint_backward(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tens
     of ``f(h_{t-1}, P_t)`` with λ_t gives dP, dA, dC (and d bias = Σ dP); ``dh0 = J_0ᵀ λ_0``.
 
     Args:
-        cell, P, A, C, h0, reset, bias, clip: as for :func:`newton_forward`.
+        cell, P, A, C, h0, reset, bias, clip: as for :func:`solve_forward`.
         h: ``[B, T, K, N]`` the forward trajectory (any float dtype; last dim contiguous or copied).
         grad_h: dL/dh, ``[B, T, K, N]``, or ``[B, T, N]`` for the h part alone (the LSTM's c part
             then has no gradient); any float dtype.
-        method, config: as for :func:`newton_forward`.
+        method: ``"newton"`` (a tiled reverse scan; the family name of the forward it pairs with),
+            ``"sweep"`` (step by step) or None (:func:`pick_method`); both solve the adjoint exactly.
+        config: as for :func:`solve_forward`.
 
     Returns:
         ``(dP, dA [3, N], dC [2, N] or None (GRU), dbias [3, N] or None (no bias),
@@ -285,7 +293,7 @@ def adjoint_backward(cell: str, P: Tensor, A: Tensor, C: Tensor | None, h0: Tens
             kern = _newton.gru_newton_bwd_kernel if cell == "gru" else _newton.lstm_newton_bwd_kernel
         else:
             kern = _sweep.gru_sweep_bwd_kernel if cell == "gru" else _sweep.lstm_sweep_bwd_kernel
-        _launch("bwd", kern, grid, (*ptrs, h, grad_h, dP, part, A if dh0 is None else dh0), (*scalars, *strides),
+        _launch(kern, grid, (*ptrs, h, grad_h, dP, part, A if dh0 is None else dh0), (*scalars, *strides),
                 flags, nw)
     sums = part.sum(0)
     if A.dtype != sums.dtype and all(t is None or t.dtype == A.dtype for t in (C, bias)):
@@ -307,7 +315,7 @@ def _hooks_active() -> bool:
     return any(bool(getattr(h, "calls", h)) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
 
-def _launch(direction: str, kern, grid, ptrs: tuple, scalars: tuple, consts: dict, num_warps: int) -> None:
+def _launch(kern, grid, ptrs: tuple, scalars: tuple, consts: dict, num_warps: int) -> None:
     """``kern[grid](*ptrs, *scalars, **consts, num_warps=...)``, with Triton's per-call dispatch cached.
 
     ``JITFunction.run`` binds and specialises every argument and builds a cache key on each call:
@@ -321,7 +329,7 @@ def _launch(direction: str, kern, grid, ptrs: tuple, scalars: tuple, consts: dic
     Our kernels take their tensors first, then the scalars, then the constexprs.
     """
     if _INTERPRET or _hooks_active():
-        LAST_LAUNCH[direction] = kern[grid](*ptrs, *scalars, **consts, num_warps=num_warps)
+        kern[grid](*ptrs, *scalars, **consts, num_warps=num_warps)
         return
     device = ptrs[0].device.index
     key = (kern, device, num_warps, tuple(consts.items()), scalars, tuple([t.dtype for t in ptrs]),
@@ -332,12 +340,10 @@ def _launch(direction: str, kern, grid, ptrs: tuple, scalars: tuple, consts: dic
         # the launcher takes every argument in signature order, constexprs included
         tail = tuple(consts[name] for name in kern.arg_names[len(ptrs) + len(scalars):])
         _LAUNCHERS[key] = (compiled, tail)
-        LAST_LAUNCH[direction] = compiled
         return
     compiled, tail = hit
     compiled.run(grid[0], grid[1], 1, _driver.active.get_current_stream(device), compiled.function,
                  compiled.packed_metadata, None, None, None, *ptrs, *scalars, *tail)
-    LAST_LAUNCH[direction] = compiled
 
 
 def triton_cdiv(a: int, b: int) -> int:

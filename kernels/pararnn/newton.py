@@ -3,7 +3,8 @@
 One program owns ``BLOCK_N`` channels of one sequence ``b`` and walks time in tiles of ``BLOCK_T``
 steps, carrying the exact final state of each tile into the next one.
 
-Forward, per tile (all in registers):
+Forward, per tile (all in registers), and with ``WANT_RES`` each chain's final residual
+``max_t |f(h_{t-1}, P_t) − h_t|`` written to ``RES [B, N]`` (NaN as +inf):
 
 * initial guess ``h_t = f(0, P_t)``;
 * ``NUM_ITERS`` Newton steps. With ``s_t = h_{t-1}`` (row 0: the carried state; a reset zeroes it)
@@ -32,7 +33,7 @@ from ._io import (
     store_partials,
     store_weight_grad,
 )
-from ._math import combine1, combine2, gru_gates, gru_jac, lstm_gates, lstm_jac, sigmoid, tanh
+from ._math import combine1, combine2, gru_gates, gru_jac, lstm_gates, lstm_jac, nan_to_inf, sigmoid, tanh
 
 
 # ================================================================================================ GRU
@@ -86,12 +87,12 @@ def gru_newton_fwd_kernel(
             if HAS_RST:
                 s = s * keep
             _, _, _, fs = gru_gates(s, pz, pr, pc, az, ar, ac)
-            res = tl.maximum(res, tl.max(tl.where(m2, tl.abs(fs - h), 0.0), axis=0))
+            res = tl.maximum(res, tl.max(tl.where(m2, nan_to_inf(tl.abs(fs - h)), 0.0), axis=0))
         tl.store(H + b * sHb + tt * sHt + offs_n[None, :], h.to(H.dtype.element_ty), mask=m2)
         last = tl.minimum(T - t0, BLOCK_T) - 1
         carry = tl.sum(tl.where((rows == last)[:, None], h, 0.0), axis=0)
     if WANT_RES:
-        tl.store(RES + (b * tl.num_programs(0) + pid_n), tl.max(res, axis=0))
+        tl.store(RES + b * N + offs_n, res, mask=mask_n)
 
 
 @triton.jit
@@ -251,7 +252,7 @@ def lstm_newton_fwd_kernel(
                 sc = sc * keep
                 sh = sh * keep
             _, _, cn, _, _, hn = lstm_gates(sc, sh, pf, po, pz, af, ao, az, cf, co)
-            err = tl.maximum(tl.abs(cn - hc), tl.abs(hn - hh))
+            err = tl.maximum(nan_to_inf(tl.abs(cn - hc)), nan_to_inf(tl.abs(hn - hh)))
             res = tl.maximum(res, tl.max(tl.where(m2, err, 0.0), axis=0))
         ho = H + b * sHb + tt * sHt + offs_n[None, :]
         tl.store(ho, hc.to(H.dtype.element_ty), mask=m2)
@@ -260,7 +261,7 @@ def lstm_newton_fwd_kernel(
         carry_c = tl.sum(tl.where(last, hc, 0.0), axis=0)
         carry_h = tl.sum(tl.where(last, hh, 0.0), axis=0)
     if WANT_RES:
-        tl.store(RES + (b * tl.num_programs(0) + pid_n), tl.max(res, axis=0))
+        tl.store(RES + b * N + offs_n, res, mask=mask_n)
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Sequential-in-time sweep kernels (spec §9.1): the exact recurrence, one chain per thread.
+"""Sequential-in-time sweep kernels: the exact recurrence, one chain per thread.
 
 One program owns ``BLOCK_N`` channels of one sequence (``BLOCK_N = 32·num_warps``: one channel per
 thread) and walks time step by step with the state in registers. Inputs are read in chunks of
@@ -17,6 +17,9 @@ zero channel stride ``sRn`` and unspecialised reset strides, which lands on the 
 
 Forward: no Newton at all, the exact state trajectory; the step uses pre-scaled inputs so that each
 gate on the dependent chain is FFMA → EX2 → FADD → RCP (``gru_step_scaled``/``lstm_step_scaled``).
+``GATED``: the exact re-solve after a Newton forward, over the H that Newton wrote: a program whose
+chains all have a per-chain residual ``RES[b, n] ≤ tol`` returns at once; the others redo all their
+channels and add the number of unconverged chains to ``COUNT``.
 Backward: the adjoint recurrence
 ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}`` walked backwards; the local VJP at step t yields both ``dP_t`` and
 ``J_tᵀ λ_t`` (the carry into step t − 1), so each step evaluates the cell once.
@@ -35,6 +38,7 @@ from ._io import (
     store3,
     store_partials,
     store_weight_grad,
+    unconverged,
 )
 from ._math import LOG2E, gru_gates, gru_jac, gru_step_scaled, lstm_gates, lstm_jac, lstm_step_scaled
 
@@ -60,17 +64,22 @@ def _row(x, sel):
 # ================================================================================================ GRU
 @triton.jit(do_not_specialize=["sPb", "sPh", "NH", "sHb", "sRb", "sRt", "sRn"])
 def gru_sweep_fwd_kernel(
-    P, BIAS, A, H0, RST, H,
+    P, BIAS, A, H0, RST, H, RES, COUNT,
     T, N, NH, clip,
-    sPb, sPt, sPg, sPh, sH0b, sRb, sRt, sRn, sHb, sHt,
+    sPb, sPt, sPg, sPh, sH0b, sRb, sRt, sRn, sHb, sHt, tol,
     HAS_BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, IN_HEAD: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_RST: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_RST: tl.constexpr, GATED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if GATED:
+        n_bad = unconverged(RES + b * N, offs_n, mask_n, tol)
+        if n_bad == 0:
+            return
+        tl.atomic_add(COUNT, n_bad.to(tl.int64))
     # parameters and inputs pre-scaled for gru_step_scaled (exponent arguments in log2 units)
     bz, br, bc = load_weights3(A, N, offs_n, mask_n, clip, HAS_CLIP)
     bz, br, bc = bz * (-LOG2E), br * (-LOG2E), bc * (-2.0 * LOG2E)
@@ -216,17 +225,22 @@ def gru_sweep_bwd_kernel(
 # =============================================================================================== LSTM
 @triton.jit(do_not_specialize=["sPb", "sPh", "NH", "sHb", "sRb", "sRt", "sRn"])
 def lstm_sweep_fwd_kernel(
-    P, BIAS, A, C, H0, RST, H,
+    P, BIAS, A, C, H0, RST, H, RES, COUNT,
     T, N, NH, clip,
-    sPb, sPt, sPg, sPh, sH0b, sH0k, sRb, sRt, sRn, sHb, sHt, sHk,
+    sPb, sPt, sPg, sPh, sH0b, sH0k, sRb, sRt, sRn, sHb, sHt, sHk, tol,
     HAS_BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, IN_HEAD: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_RST: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_RST: tl.constexpr, GATED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if GATED:
+        n_bad = unconverged(RES + b * N, offs_n, mask_n, tol)
+        if n_bad == 0:
+            return
+        tl.atomic_add(COUNT, n_bad.to(tl.int64))
     # parameters and inputs pre-scaled for lstm_step_scaled (exponent arguments in log2 units)
     bf, bo, bz = load_weights3(A, N, offs_n, mask_n, clip, HAS_CLIP)
     bf, bo, bz = bf * (-LOG2E), bo * (-LOG2E), bz * (-2.0 * LOG2E)

@@ -3,12 +3,15 @@ import math
 
 from transformers import PretrainedConfig
 
+from .pararnn_op import FALLBACK_TOL
+
 CELLS = ("gru", "lstm")
 MODES = ("auto", "sequential", "parallel", "triton")
+DECODE_GRAPHS = ("compiled", "graph", "off")
 
 
 class ParaRNNConfig(PretrainedConfig):
-    """A DCLM-style decoder whose attention is replaced by a ParaGRU or ParaLSTM block (spec §5.1).
+    """A DCLM-style decoder whose attention is replaced by a ParaGRU or ParaLSTM block (the paper's §5.2, App. C.1).
 
     Args:
         cell: ``"gru"`` (ParaGRU) or ``"lstm"`` (ParaLSTM).
@@ -20,8 +23,15 @@ class ParaRNNConfig(PretrainedConfig):
         newton_iters: Newton iterations of the parallel cell application.
         mode: ``"auto"`` (Triton on CUDA, else the torch parallel mode), or a cell mode.
         clip: bound on |a| and |c| (diagonal recurrent weights); None disables it.
+        fallback_tol: Newton residual above which a chain is solved again exactly (counted per cell as
+            ``newton_fallbacks``); None disables the check.
         cell_init: ``"paper"`` or ``"reference"`` (see ``ParaRNNCell``).
         vocab_size: padded vocabulary (embeddings are untied).
+        decode_graph: how ``generate()`` decodes on CUDA after the prefill (see ``decoding.py``):
+            ``"compiled"`` replays one CUDA graph per batch size of the whole one-token step with each
+            layer's step fused by ``torch.compile`` (compiled on first use); ``"graph"`` replays a graph of
+            the pure-torch step's own kernels (the same tokens and logits as ``"off"``, bit for bit);
+            ``"off"`` runs the pure-torch step (launch-bound). Off the GPU the pure-torch step is used.
     """
 
     model_type = "pararnn"
@@ -29,13 +39,16 @@ class ParaRNNConfig(PretrainedConfig):
     def __init__(self, cell: str = "gru", vocab_size: int = 50304, hidden_size: int = 1024,
                  num_hidden_layers: int = 24, num_heads: int = 4, intermediate_size: int | None = None,
                  conv_kernel: int = 4, newton_iters: int = 3, mode: str = "auto", clip: float | None = 0.5,
+                 fallback_tol: float | None = FALLBACK_TOL,
                  cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  bos_token_id: int = 50256, eos_token_id: int = 50256, tie_word_embeddings: bool = False,
-                 **kwargs):
+                 decode_graph: str = "compiled", **kwargs):
         if cell not in CELLS:
             raise ValueError(f"ParaRNNConfig: cell={cell!r} is not one of {', '.join(CELLS)}")
         if mode not in MODES:
             raise ValueError(f"ParaRNNConfig: mode={mode!r} is not one of {', '.join(MODES)}")
+        if decode_graph not in DECODE_GRAPHS:
+            raise ValueError(f"ParaRNNConfig: decode_graph={decode_graph!r} is not one of {', '.join(DECODE_GRAPHS)}")
         if hidden_size % num_heads:
             raise ValueError(f"ParaRNNConfig: hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         if tie_word_embeddings:
@@ -50,8 +63,10 @@ class ParaRNNConfig(PretrainedConfig):
         self.newton_iters = newton_iters
         self.mode = mode
         self.clip = clip
+        self.fallback_tol = fallback_tol
         self.cell_init = cell_init
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
+        self.decode_graph = decode_graph
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -1,6 +1,6 @@
 """The ParaRNN language model as a transformers ``PreTrainedModel`` (shipped with exported checkpoints).
 
-Each layer is an RNN block followed by an MLP block (spec §5.1)::
+Each layer is an RNN block followed by an MLP block (the paper's §5.2 and App. C.1)::
 
     u = RMSNorm(x);  [v, g] = W_in u;  v = SiLU(causal depthwise conv(v));  v = cell(v)
     x = s·x + W_out (RMSNorm(v) ⊙ SiLU(g))              # s: a learnable residual scale
@@ -9,9 +9,14 @@ Each layer is an RNN block followed by an MLP block (spec §5.1)::
 Document boundaries come as ``position_ids`` that restart at 0 where a document starts: the cell's
 state and the conv's window are both reset there, so nothing crosses a boundary of a packed row.
 
+Sequence parallelism (:meth:`ParaRNNForCausalLM.set_sequence_parallel`): each rank of a process group
+runs the model on its chunk of the time axis; the cells exchange chunk summaries and the conv reads the
+previous rank's last ``kernel - 1`` inputs (``pararnn_seqpar.py``); norms and MLPs are per token.
+
 Generation keeps a recurrent cache (:class:`ParaRNNCache`, passed as ``cache_params`` like Mamba's): per layer
 the conv's last ``kernel - 1`` inputs and the cell state. The prompt goes through the parallel forward once
 (prefill); every later token costs O(1) (conv step + ``cell.step``), so ``generate()`` is linear in its length.
+On CUDA each such step is one replay of a captured CUDA graph (``decoding.py``).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -24,7 +29,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_pararnn import ParaRNNConfig
+from .decoding import graph_decode
 from .pararnn_cells import ParaGRU, ParaLSTM, ParaRNNCell
+from .pararnn_seqpar import previous_tail
 
 
 def resolve_mode(mode: str) -> str:
@@ -43,11 +50,14 @@ class CausalDepthwiseConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, kernel))
         self.bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor, positions: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None, prefix: Tensor | None = None) -> Tensor:
+        """``prefix [B, kernel-1, d]``: the inputs before ``x`` (zeros if None: the sequence starts here)."""
         # weight[:, -1] is the tap on the current step, weight[:, -1 - j] the tap j steps back.
+        k1, T = self.kernel - 1, x.shape[1]
+        ext = F.pad(x, (0, 0, k1, 0)) if prefix is None else torch.cat([prefix.to(x.dtype), x], dim=1)
         out = x * self.weight[:, -1]
-        for j in range(1, min(self.kernel, x.shape[1] + 1)):
-            shifted = F.pad(x[:, :-j], (0, 0, j, 0))
+        for j in range(1, self.kernel):
+            shifted = ext[:, k1 - j:k1 - j + T]
             if positions is not None:
                 shifted = shifted * (positions >= j).unsqueeze(-1).to(x.dtype)
             out = out + shifted * self.weight[:, -1 - j]
@@ -81,7 +91,8 @@ class RNNBlock(nn.Module):
         self.in_proj = nn.Linear(d, 2 * d, bias=False)
         self.conv = CausalDepthwiseConv(d, config.conv_kernel)
         self.cell = cell_cls(d, d, config.num_heads, mode=resolve_mode(config.mode),
-                             newton_iters=config.newton_iters, clip=config.clip, init=config.cell_init)
+                             newton_iters=config.newton_iters, clip=config.clip, init=config.cell_init,
+                             fallback_tol=config.fallback_tol)
         self.out_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
         # One element, not 0-dim: FSDP2's fully_shard and DeepSpeed ZeRO cannot shard 0-dim parameters.
@@ -89,27 +100,38 @@ class RNNBlock(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor | None, reset: Tensor | None,
                 cache: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
-        v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
         if cache is not None and cache.has_previous_state:
-            # Decode: token by token from the cached window and state, O(1) per token.
-            window, state = cache.conv_states[layer_idx], cache.cell_states[layer_idx]
-            ys = []
-            for t in range(v.shape[1]):
-                u, window = self.conv.step(v[:, t], window)
-                y, state = self.cell.step(F.silu(u), state)
-                ys.append(y)
-            cache.conv_states[layer_idx], cache.cell_states[layer_idx] = window, state
-            v = torch.stack(ys, dim=1)
+            x, cache.conv_states[layer_idx], cache.cell_states[layer_idx] = self.decode(
+                x, cache.conv_states[layer_idx], cache.cell_states[layer_idx])
+            return x
+        v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
+        conv_in = v
+        group = self.cell.seq_group
+        if group is not None and cache is not None:
+            raise ValueError("ParaRNN: generation (a cache) does not run sequence parallel")
+        prefix = None if group is None else previous_tail(v, self.conv.kernel - 1, group)
+        v = F.silu(self.conv(v, positions, prefix))
+        if cache is not None:
+            # Prefill: the parallel forward, keeping the final state and the conv's window.
+            v, state = self.cell(v, reset=reset, return_state=True)
+            cache.conv_states[layer_idx] = self.conv.tail(conv_in, positions)
+            cache.cell_states[layer_idx] = state.clone()  # a view would keep the whole trajectory alive
         else:
-            conv_in = v
-            v = F.silu(self.conv(v, positions))
-            if cache is not None:
-                # Prefill: the parallel forward, keeping the final state and the conv's window.
-                v, state = self.cell(v, reset=reset, return_state=True)
-                cache.conv_states[layer_idx] = self.conv.tail(conv_in, positions)
-                cache.cell_states[layer_idx] = state
-            else:
-                v = self.cell(v, reset=reset)
+            v = self.cell(v, reset=reset)
+        return self._output(x, v, g)
+
+    def decode(self, x: Tensor, window: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Token by token from the conv window and the cell state, O(1) per token (what the CUDA graph of
+        ``decoding.py`` captures): ``x [B, T, d]`` -> ``(output, new window, new state)``."""
+        v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
+        ys = []
+        for t in range(v.shape[1]):
+            u, window = self.conv.step(v[:, t], window)
+            y, state = self.cell.step(F.silu(u), state)
+            ys.append(y)
+        return self._output(x, torch.stack(ys, dim=1), g), window, state
+
+    def _output(self, x: Tensor, v: Tensor, g: Tensor) -> Tensor:
         return self.residual_scale * x + self.out_proj(self.out_norm(v) * F.silu(g))
 
 
@@ -252,6 +274,15 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
         for cell in self.cells():
             cell.mode = resolve_mode(mode)
 
+    def set_sequence_parallel(self, group) -> None:
+        """Split the time axis over the process group ``group`` (None: off). Each rank then passes its chunk
+        of ``input_ids`` / ``position_ids`` (rank r: steps ``[r·T/P, (r+1)·T/P)``) and gets that chunk's
+        logits; each rank's loss is its own tokens' (labels shifted beforehand: ``forward(labels=)`` would
+        shift within the chunk) and the parameter gradients are this rank's part (summed over the ranks,
+        as DDP / FSDP do, they are one device's)."""
+        for cell in self.cells():
+            cell.seq_group = group
+
     def track_newton_residual(self, enabled: bool) -> None:
         """Make every cell record its final Newton residual max-norm on the next forward passes."""
         for cell in self.cells():
@@ -262,24 +293,41 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
         values = [cell.last_residual for cell in self.cells() if cell.last_residual is not None]
         return torch.stack(values).amax() if values else None
 
+    def newton_fallbacks(self) -> Tensor:
+        """Chains solved again exactly, over all layers since the model was built (Newton had not converged)."""
+        return sum(cell.newton_fallbacks for cell in self.cells())
+
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, labels: Tensor | None = None,
                 attention_mask: Tensor | None = None, cache_params: ParaRNNCache | None = None,
-                use_cache: bool | None = None, **kwargs) -> ParaRNNCausalLMOutput:
+                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> ParaRNNCausalLMOutput:
         """``use_cache=True`` (set by generate()) returns ``cache_params``: with a filled cache, ``input_ids`` are
         the tokens that follow it (``attention_mask`` / ``position_ids`` are then ignored: padding was dealt
-        with at the prefill). Without a cache this is the plain parallel forward."""
+        with at the prefill). Without a cache this is the plain parallel forward. ``logits_to_keep=n > 0``
+        computes the logits of the last n positions only (generate()'s prefill asks for 1; ignored with labels).
+
+        On CUDA a one-token decode step replays a CUDA graph of the whole step (``decoding.py``,
+        ``config.decode_graph``); the logits it returns are a fresh tensor, as here."""
         use_cache = bool(use_cache) and not self.training
         if use_cache and cache_params is None:
             cache_params = ParaRNNCache(self.config.num_hidden_layers)
         if not use_cache:
             cache_params = None
         decoding = cache_params is not None and cache_params.has_previous_state
+        if decoding and labels is None:
+            logits = graph_decode(self, input_ids, cache_params)
+            if logits is not None:
+                return ParaRNNCausalLMOutput(logits=logits, cache_params=cache_params)
         if decoding:
             position_ids = None
         elif attention_mask is not None and position_ids is None and not bool(attention_mask.all()):
             # Left padding (batched generation): each row's document starts at its first real token.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.lm_head(self.model(input_ids, position_ids, cache_params))
+        if labels is not None and self.cells()[0].seq_group is not None:
+            raise ValueError("ParaRNN: forward(labels=) shifts within this rank's chunk under sequence parallelism; "
+                             "compute the loss on labels shifted beforehand")
+        hidden = self.model(input_ids, position_ids, cache_params)
+        keep = logits_to_keep if labels is None else 0  # the loss needs every position
+        logits = self.lm_head(hidden[:, -keep:] if keep else hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -294,13 +342,11 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
                                       cache_params: ParaRNNCache | None = None, use_cache: bool | None = None,
                                       is_first_iteration: bool | None = False, **kwargs):
         if use_cache and cache_params is not None and cache_params.has_previous_state:
-            # Decode: only the tokens the cache has not seen (generate() slices to the last one as well).
+            # Decode: only the tokens the cache has not seen; nothing else reaches forward (the padding mask
+            # was used at the prefill). HF's generic preparation is skipped: per token it costs more host
+            # time than a graph-replayed step takes on the GPU.
             new = input_ids.shape[1] - cache_params.seen_tokens
-            input_ids = input_ids[:, -max(new, 1):]
-            kwargs.pop("next_sequence_length", None)
-            kwargs.pop("position_ids", None)
-            attention_mask = None
-        model_inputs = super().prepare_inputs_for_generation(
+            return {"input_ids": input_ids[:, -max(new, 1):], "cache_params": cache_params, "use_cache": use_cache}
+        return super().prepare_inputs_for_generation(
             input_ids, attention_mask=attention_mask, cache_params=cache_params, use_cache=use_cache,
             is_first_iteration=is_first_iteration, **kwargs)
-        return model_inputs
