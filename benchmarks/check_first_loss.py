@@ -77,12 +77,11 @@ def main(argv=None) -> int:
     from accelerate.utils import set_seed
 
     from data import PackedStream, load_tokenizer
-    from data.pipeline import DataConfig
     from models.count import load_preset
     from models.registry import build_model
-    from train import lm_loss, make_accelerator
-    from training.config import TrainerConfig
-    from training.distributed import shard
+    from training.config import DataConfig, TrainerConfig
+    from training.distributed import make_accelerator, shard
+    from training.loss import lm_loss
 
     cuda = torch.cuda.is_available()
     precision = args.precision or ("bf16" if cuda else "fp32")
