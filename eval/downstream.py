@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import functools
 import importlib.metadata
 import json
 import logging
@@ -234,6 +235,42 @@ def resolve_tasks(tasks: Any, num_fewshot: int | None = None, limit: Any = None)
     return "custom", parse_task_specs(list(tasks), num_fewshot), limit
 
 
+# lm-eval warnings that runs of ours trigger by design (explicit shot counts, an in-memory model, upstream task
+# YAMLs that leave a metric's aggregation to lm-eval's default)
+_EXPECTED_WARNINGS = {
+    "lm_eval.evaluator": ("Overwriting default num_fewshot",),
+    "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type", "Passed an already-initialized model"),
+    "lm_eval.api.task": ("is defined, but aggregation is not", "is defined, but higher_is_better is not"),
+}
+
+
+class _DropExpected(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):  # parts of the messages to drop
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p in str(record.msg) for p in self.prefixes)
+
+
+def progress_bars_off() -> bool:
+    return os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+
+
+def quiet_libraries() -> None:
+    """Library chatter at WARNING for an evaluation command: lm-eval's and datasets' INFO lines and the
+    warnings our own calls always cause are dropped, and progress bars are off (``TQDM_DISABLE=1``:
+    transformers' weight loading, datasets' maps, lm-eval's per-task and, through ``make_lm``, per-request
+    bars; ``TQDM_DISABLE=0`` keeps them). tqdm reads the variable when first imported: call this first."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name in ("lm_eval", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, prefixes in _EXPECTED_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpected) for f in logger.filters):
+            logger.addFilter(_DropExpected(prefixes))
+
+
 def is_offline() -> bool:
     flag = lambda k: os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")  # noqa: E731
     return flag("HF_HUB_OFFLINE") or flag("HF_DATASETS_OFFLINE")
@@ -242,6 +279,28 @@ def is_offline() -> bool:
 # ------------------------------------------------------------------------------------------------
 # Model wrapping
 # ------------------------------------------------------------------------------------------------
+@functools.cache
+def _hflm_class(quiet: bool):
+    """lm-eval's ``HFLM``; ``quiet``: without its per-request progress bars (they pass ``disable=`` explicitly,
+    which ``TQDM_DISABLE`` cannot override)."""
+    from lm_eval.models.huggingface import HFLM
+
+    if not quiet:
+        return HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
 def make_lm(model_or_path: Any, tokenizer: Any = None, batch_size: int | str = 8, device: str | None = "cpu",
             dtype: str | None = None, max_length: int | None = None, trust_remote_code: bool = True):
     """An lm-eval ``HFLM`` around an in-memory ``PreTrainedModel`` or an exported HF directory.
@@ -250,8 +309,8 @@ def make_lm(model_or_path: Any, tokenizer: Any = None, batch_size: int | str = 8
     path) is required and is copied (lm-eval sets a pad token on it). An ``lm_eval`` ``LM`` object
     passes through unchanged."""
     from lm_eval.api.model import LM
-    from lm_eval.models.huggingface import HFLM
 
+    HFLM = _hflm_class(progress_bars_off())
     if isinstance(model_or_path, LM):
         return model_or_path
     extra: dict[str, Any] = {}
@@ -526,6 +585,6 @@ def summary_table(result: Mapping[str, Any]) -> str:
 
 __all__ = [
     "ConfigError", "LOCAL_TASKS", "TaskSpec", "check_data", "load_preset", "make_lm", "parse_task_specs",
-    "preset_names", "resolve_data_root", "resolve_tasks", "run_downstream", "summary_table", "write_json",
-    "write_task_dir",
+    "preset_names", "quiet_libraries", "resolve_data_root", "resolve_tasks", "run_downstream", "summary_table",
+    "write_json", "write_task_dir",
 ]

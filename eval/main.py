@@ -4,10 +4,13 @@
     python -m eval.main --config-name paper checkpoints=[runs/gru] data_root=../shared/data/eval device=cuda
     python -m eval.main checkpoints=[runs/gru/hf] tasks=[local_arc_easy,local_arc_challenge:25] limit=50
     python -m eval.main checkpoints=[runs/gru] tasks=smoke perplexity=true  # + val ppl/bpb, loss_by_position.json
+    python -m eval.main checkpoints=[~/SmolLM2-135M] perplexity=true perplexity_data=corpus.jsonl
 
 A checkpoint is a run dir (``<run_dir>/hf/config.json``) or an exported HF directory. Results go to
 ``<run_dir>/eval/downstream_<preset>.json`` (lm-eval version and task configs included); with
-``perplexity=true`` also ``<run_dir>/eval/perplexity.json`` and ``<run_dir>/loss_by_position.json``.
+``perplexity=true`` also ``<run_dir>/eval/perplexity.json`` and ``<run_dir>/loss_by_position.json``:
+the run's own validation rows (packed, as train.py validates), or ``perplexity_data`` (a corpus file or
+``datasets`` name, per-document windows; protocols in ``eval/perplexity.py``).
 Configs: ``configs/eval/`` (default.yaml; presets smoke, paper, mamba_zeroshot). Bad input (a missing
 checkpoint, an unknown preset or task, a missing data file) stops before any model is loaded, with a
 one-line error naming the key or path.
@@ -25,7 +28,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from eval.downstream import resolve_data_root, resolve_tasks
+from eval.downstream import check_data, quiet_libraries, resolve_data_root, resolve_tasks
 from training.common import REPO_ROOT, ConfigError
 
 CONFIG_DIR = str(REPO_ROOT / "configs" / "eval")
@@ -87,89 +90,150 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def run_perplexity(ckpt: Checkpoint, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Validation loss / ppl / bpb and loss_by_position.json with the run's own data config."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclasses.dataclass
+class PerplexityPlan:
+    """What ``perplexity=true`` scores for one checkpoint, resolved (and its files checked) before any model loads."""
 
-    from data import pipeline
-    from eval.perplexity import evaluate_perplexity, write_loss_by_position
+    data: Any  # training.config.DataConfig: the run's own (its validation rows, as in training) or perplexity_data
+    protocol: str  # "packed" | "documents" (eval/perplexity.py states both)
+    own: bool  # the run's own validation rows (exactly what train.py validates on)
 
-    cfg_path = ckpt.run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ConfigError(f"perplexity=true: {cfg_path} not found (needed for the run's data config)")
-    data = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True).get("data") or {}
-    known = {f.name for f in dataclasses.fields(pipeline.DataConfig)}
-    dcfg = pipeline.DataConfig.from_dict({k: v for k, v in data.items() if k in known})
+
+def plan_perplexity(ckpt: Checkpoint, cfg: DictConfig) -> PerplexityPlan:
+    """``perplexity_data`` (a corpus file or datasets name) if given, else the run's own data config
+    (``<run_dir>/config.yaml``). Raises :class:`ConfigError` naming the key or file."""
+    from eval.perplexity import PROTOCOLS, corpus_config
+    from training.config import DataConfig
+    from training.run_dir import load_saved_config
+
+    if cfg.perplexity_protocol is not None and cfg.perplexity_protocol not in PROTOCOLS:
+        raise ConfigError(f"perplexity_protocol={cfg.perplexity_protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if cfg.perplexity_data:
+        data = corpus_config(str(cfg.perplexity_data), str(cfg.perplexity_text_field))
+        if cfg.perplexity_seq_len is not None:
+            data.seq_len = int(cfg.perplexity_seq_len)
+        return PerplexityPlan(data, cfg.perplexity_protocol or "documents", own=False)
+    saved = load_saved_config(str(ckpt.run_dir))
+    if saved is None:
+        raise ConfigError(f"perplexity=true: {ckpt.given} has no run config ({ckpt.run_dir / 'config.yaml'}); "
+                          f"set perplexity_data=FILE_OR_DATASET to score it on a corpus")
+    dcfg = DataConfig.from_dict(saved.get("data"))
     if cfg.perplexity_rows is not None:
         dcfg.validation_rows = int(cfg.perplexity_rows)
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer or ckpt.hf_dir))
-    batches = pipeline.validation_batches(dcfg, tokenizer, batch_size=int(cfg.perplexity_batch_size))
-    dtype = None if cfg.dtype in (None, "auto") else getattr(torch, str(cfg.dtype))
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt.hf_dir), trust_remote_code=bool(cfg.trust_remote_code),
-                                                 **({"dtype": dtype} if dtype is not None else {}))
-    try:
-        from data.stats import token_byte_lengths
-    except ImportError:  # older data package: no bits-per-byte
-        token_byte_lengths = None
-    byte_lengths = token_byte_lengths(tokenizer) if token_byte_lengths is not None else None
-    res = evaluate_perplexity(model, batches, byte_lengths=byte_lengths, device=cfg.device)
-    res.update(data=dcfg.name, seq_len=dcfg.seq_len, rows=sum(int(b["input_ids"].shape[0]) for b in batches))
-    write_loss_by_position(ckpt.run_dir, model, batches, device=cfg.device,
-                           extra={"data": dcfg.name, "seq_len": dcfg.seq_len})
+    if cfg.perplexity_seq_len is not None:
+        dcfg.seq_len = int(cfg.perplexity_seq_len)
+    dcfg.check()
+    return PerplexityPlan(dcfg, cfg.perplexity_protocol or "packed", own=True)
+
+
+def run_perplexity(ckpt: Checkpoint, cfg: DictConfig, out_dir: Path, plan: PerplexityPlan,
+                   model: Any = None) -> dict[str, Any]:
+    """Loss / ppl / bpb (``<out_dir>/perplexity.json``) and ``<run_dir>/loss_by_position.json`` per ``plan``."""
+    from data import pipeline
+    from data.stats import token_byte_lengths
+    from eval.perplexity import (
+        check_packed_isolation,
+        document_batches,
+        evaluate_perplexity,
+        load_causal_lm,
+        packed_batches,
+        read_documents,
+        write_loss_by_position,
+    )
+
+    tokenizer = pipeline.load_tokenizer(str(cfg.tokenizer or ckpt.hf_dir))
+    batch_size = int(cfg.perplexity_batch_size)
+    if plan.own and plan.protocol == "packed":
+        batches = pipeline.validation_batches(plan.data, tokenizer, batch_size=batch_size)
+    else:
+        docs = read_documents(plan.data, tokenizer, cfg.perplexity_rows if not plan.own else None)
+        make = packed_batches if plan.protocol == "packed" else document_batches
+        batches = make(docs, plan.data.seq_len, batch_size, int(tokenizer.eos_token_id))
+    if model is None:
+        model = load_causal_lm(ckpt.hf_dir, cfg.dtype, bool(cfg.trust_remote_code))
+    if plan.protocol == "packed":
+        check_packed_isolation(model, cfg.device)
+    res = evaluate_perplexity(model, batches, byte_lengths=token_byte_lengths(tokenizer), device=cfg.device)
+    extra = {"data": plan.data.name, "seq_len": plan.data.seq_len, "protocol": plan.protocol}
+    res.update(extra, rows=sum(int(b["input_ids"].shape[0]) for b in batches))
+    write_loss_by_position(ckpt.run_dir, model, batches, device=cfg.device, extra=extra)
     from eval.downstream import write_json
 
     write_json(out_dir / "perplexity.json", res)
     return res
 
 
-def run(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Validate everything, then evaluate each checkpoint; returns the result dicts."""
-    from eval.downstream import run_downstream, summary_table
+@dataclasses.dataclass
+class EvalPlan:
+    """What ``cfg`` asks for, resolved and checked (checkpoints, tasks, data files) before any model loads."""
 
+    checkpoints: list[Checkpoint]
+    preset: str
+    specs: list
+    limit: Any
+    data_root: Path
+    perplexity: dict[str, PerplexityPlan]  # by Checkpoint.given; empty unless perplexity=true
+
+
+def plan(cfg: DictConfig) -> EvalPlan:
+    """Validate everything ``run`` will need; raises :class:`ConfigError` naming the key or path."""
     checkpoints = _plain(cfg.checkpoints)
     if isinstance(checkpoints, str):
         checkpoints = [checkpoints]
     if not checkpoints:
         raise ConfigError("checkpoints: none given (e.g. checkpoints=[runs/my_run])")
     preset, specs, limit = resolve_tasks(_plain(cfg.tasks), cfg.num_fewshot, _plain(cfg.limit))
-    preset = cfg.preset or preset
     data_root = resolve_data_root(cfg.data_root)
+    check_data(data_root, sorted({s.task for s in specs if s.is_local}))
     ckpts = [resolve_checkpoint(c) for c in checkpoints]
     if cfg.tokenizer is not None and not Path(str(cfg.tokenizer)).is_dir():
         raise ConfigError(f"tokenizer: {cfg.tokenizer}: no such directory")
+    perplexity = {ckpt.given: plan_perplexity(ckpt, cfg) for ckpt in ckpts} if cfg.perplexity else {}
+    return EvalPlan(ckpts, cfg.preset or preset, specs, limit, data_root, perplexity)
 
-    results = []
-    for ckpt in ckpts:
-        out_dir = Path(cfg.output_dir) / ckpt.name if cfg.output_dir else ckpt.run_dir / "eval"
-        out_path = out_dir / f"downstream_{preset}.json"
-        log.info("evaluating %s (%s) on %s -> %s", ckpt.given, ckpt.hf_dir, preset, out_path)
-        res = run_downstream(
-            str(ckpt.hf_dir), tokenizer=str(cfg.tokenizer) if cfg.tokenizer else None,
-            tasks=[{"task": s.task, "num_fewshot": s.num_fewshot} for s in specs], limit=limit,
-            batch_size=cfg.batch_size, device=cfg.device, output_path=None, data_root=data_root, hub=bool(cfg.hub),
-            dtype=cfg.dtype, max_length=cfg.max_length, trust_remote_code=bool(cfg.trust_remote_code),
-            seed=int(cfg.seed), log_samples=bool(cfg.log_samples),
-            extra_info={"checkpoint": str(ckpt.hf_dir), "run": run_info(ckpt.run_dir)},
-        )
-        res["preset"] = preset
-        res["eval_config"] = _plain(cfg)
-        if cfg.perplexity:
-            res["perplexity"] = run_perplexity(ckpt, cfg, out_dir)
-        from eval.downstream import write_json
 
-        write_json(out_path, res)
-        print(f"== {ckpt.given} ({preset}) -> {out_path}")
-        print(summary_table(res))
-        if "perplexity" in res:
-            p = res["perplexity"]
-            print(f"validation loss={p['loss']:.4f} ppl={p['ppl']:.3f} bpb={p['bpb']} tokens={p['tokens']}")
-        results.append(res)
-    return results
+def evaluate(ckpt: Checkpoint, cfg: DictConfig, p: EvalPlan) -> dict[str, Any]:
+    """Downstream tasks (and perplexity) of one checkpoint, loaded once; writes ``downstream_<preset>.json``."""
+    from data.pipeline import load_tokenizer
+    from eval.downstream import run_downstream, summary_table, write_json
+    from eval.perplexity import load_causal_lm
+
+    out_dir = Path(cfg.output_dir) / ckpt.name if cfg.output_dir else ckpt.run_dir / "eval"
+    out_path = out_dir / f"downstream_{p.preset}.json"
+    log.info("%s: downstream %s (%d tasks, limit %s) -> %s", ckpt.given, p.preset, len(p.specs), p.limit, out_path)
+    model = load_causal_lm(ckpt.hf_dir, cfg.dtype, bool(cfg.trust_remote_code))
+    tokenizer = load_tokenizer(str(Path(str(cfg.tokenizer or ckpt.hf_dir)).resolve()))
+    res = run_downstream(
+        model, tokenizer, tasks=[{"task": s.task, "num_fewshot": s.num_fewshot} for s in p.specs], limit=p.limit,
+        batch_size=cfg.batch_size, device=cfg.device, output_path=None, data_root=p.data_root, hub=bool(cfg.hub),
+        max_length=cfg.max_length, seed=int(cfg.seed), log_samples=bool(cfg.log_samples),
+        extra_info={"checkpoint": str(ckpt.hf_dir), "run": run_info(ckpt.run_dir)},
+    )
+    res["preset"] = p.preset
+    res["eval_config"] = _plain(cfg)
+    if cfg.perplexity:
+        plan_ = p.perplexity[ckpt.given]
+        log.info("%s: perplexity (%s, %s)", ckpt.given, plan_.protocol, plan_.data.name)
+        res["perplexity"] = run_perplexity(ckpt, cfg, out_dir, plan_, model=model)
+    write_json(out_path, res)
+    print(f"== {ckpt.given} ({p.preset}) -> {out_path}")
+    print(summary_table(res))
+    if "perplexity" in res:
+        r = res["perplexity"]
+        print(f"perplexity ({r['protocol']}, {r['data']}): loss={r['loss']:.4f} ppl={r['ppl']:.3f} bpb={r['bpb']} "
+              f"tokens={r['tokens']}")
+    return res
+
+
+def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Validate everything, then evaluate each checkpoint; returns the result dicts."""
+    p = plan(cfg)
+    return [evaluate(ckpt, cfg, p) for ckpt in p.checkpoints]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="default")
 def main(cfg: DictConfig) -> None:
+    quiet_libraries()
     try:
         run(cfg)
     except ConfigError as exc:

@@ -9,6 +9,7 @@ attention block-diagonally, Mamba2 resets through ``seq_idx``).
 import math
 from collections.abc import Callable
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PretrainedConfig, PreTrainedModel
 
 VOCAB_MULTIPLE = 64
@@ -45,8 +46,9 @@ def build_config(arch: str, config: dict, vocab_size: int | None = None) -> Pret
         kwargs["vocab_size"] = given if given is not None else padded_vocab(vocab_size)
     try:
         return config_cls(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"model.config for arch {arch!r}: {err}") from None
+    except (TypeError, StrictDataclassError) as err:  # the latter: transformers' config validators
+        message = " ".join(str(err).split())
+        raise ValueError(f"model.config for arch {arch!r}: {message}") from None
 
 
 def build_model(arch: str, config: dict, vocab_size: int | None = None) -> PreTrainedModel:

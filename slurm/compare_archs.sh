@@ -4,6 +4,9 @@
 # EVAL_ARGS: overrides of the eval job (default: tasks=paper perplexity=true). Run from the repo root:
 #   SIZE=400m TOKENS=8000000000 slurm/compare_archs.sh data=fineweb_edu trainer=fsdp2
 #   DRY_RUN=1 slurm/compare_archs.sh data=fineweb_edu            # print both sbatch commands
+# On one machine the same comparison is `python -m eval.compare size=$SIZE tokens=$TOKENS batch_size=$GLOBAL_BATCH
+# seq_len=$SEQ_LEN ...` (same train.py overrides), which also writes the report; here, once the eval job is done:
+#   python -m eval.report $RUNS_ROOT/*_$SIZE-<array job id> --out $RUNS_ROOT/report-<array job id>
 set -euo pipefail
 
 source "${REPO:-$PWD}/slurm/common.sh"

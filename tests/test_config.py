@@ -178,7 +178,8 @@ def test_lossless_conversions_only():
     ("trainer.no_such_key=1", "error: trainer.no_such_key: unknown key (known: device, precision"),
     ("+trainer.no_such_key=1", "error: trainer.no_such_key: unknown key (known: device, precision"),
     ("no_such_key=1", "error: no_such_key: unknown key (known: model, data, trainer, wandb, run_dir, seed)"),
-    ("model=no_such_model", "error: model=no_such_model: no such preset in configs/model/ (available: mamba2_1b, "),
+    ("model=no_such_model", "error: model=no_such_model: no such preset in configs/model/ (available: mamba2_125m, "
+                            "mamba2_1b, "),
     ("model.config.no_such_key=1", "error: model.config.no_such_key: not in the config (to add a key, write "
                                    "+model.config.no_such_key=1)"),
     ("trainer.strategy=zero", "error: trainer.strategy: expected one of 'single', 'ddp', 'fsdp2', 'deepspeed'"),

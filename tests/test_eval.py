@@ -33,14 +33,18 @@ def _tiny_llama(vocab_size, seed=0, hidden=32):
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def _gpt2():
     from transformers import AutoTokenizer
 
     path = next((p for p in TOKENIZER_DIRS if (p / "tokenizer.json").is_file() or (p / "vocab.json").is_file()), None)
     if path is None:
         pytest.skip("GPT-2 tokenizer not found")
     return AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _gpt2()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +83,9 @@ def test_perplexity_matches_independent_cross_entropy():
     batches[1]["labels"][0, :4] = -100  # ignored targets
     res = evaluate_perplexity(model, batches, device="cpu")
     with torch.no_grad():
-        logits = torch.cat([model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits for b in batches])
+        # use_cache=False: a plain Llama in eval mode builds a cache and then ignores the document start in row 1
+        logits = torch.cat([model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+                            for b in batches])
     labels = torch.cat([b["labels"] for b in batches])
     ref = F.cross_entropy(logits.reshape(-1, 97), labels.reshape(-1), ignore_index=-100)
     assert res["tokens"] == int((labels != -100).sum()) == 2 * 3 * 12 - 4
@@ -106,7 +112,8 @@ def test_loss_by_position_and_file(tmp_path):
     model = _tiny_llama(97, hidden=16)
     batches = _batches()
     with torch.no_grad():
-        nll = torch.stack([F.cross_entropy(model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+        nll = torch.stack([F.cross_entropy(model(input_ids=b["input_ids"], position_ids=b["position_ids"],
+                                                 use_cache=False).logits
                                            .transpose(1, 2), b["labels"], reduction="none") for b in batches])
     by_row = loss_by_position(model, batches)
     assert by_row.shape == (12,)
@@ -136,6 +143,175 @@ def test_perplexity_on_pipeline_batches(model, tokenizer):
     assert res["bytes"] == int(table[labels].sum()) and abs(res["bytes"] - text_bytes) <= 0.05 * text_bytes
     assert res["bpb"] == pytest.approx(res["nll_sum"] / (math.log(2) * res["bytes"]))
     assert loss_by_position(model, batches).shape == (32,)
+
+
+# ------------------------------------------------------------------------------------------------
+# perplexity that cannot cross documents: any HF model, every architecture's export, any corpus
+# ------------------------------------------------------------------------------------------------
+EOS = 96
+DOCS = (5, 11, 3, 20, 7, 9, 14, 4)  # document lengths (without EOS); rows of 24 inputs hold whole documents
+
+
+def _docs(lengths=DOCS, vocab=96, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _rows_of_whole_documents(docs, per_row):
+    """Packed rows built by hand: ``[EOS] d1 [EOS] d2 ... [EOS]``, positions restarting at each EOS input."""
+    batches = []
+    for i in range(0, len(docs), per_row):
+        row, pos = [EOS], []
+        for d in docs[i:i + per_row]:
+            row += [*d, EOS]
+            pos += list(range(len(d) + 1))
+        batches.append({"input_ids": torch.tensor([row[:-1]]), "labels": torch.tensor([row[1:]]),
+                        "position_ids": torch.tensor([pos])})
+    return batches
+
+
+def _per_document_nll(model, docs):
+    """Reference: each ``[EOS] doc [EOS]`` through a plain forward alone, F.cross_entropy, token-weighted mean."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for d in docs:
+            seq = torch.tensor([[EOS, *d, EOS]])
+            logits = model(input_ids=seq[:, :-1]).logits.float()
+            total += F.cross_entropy(logits[0], seq[0, 1:], reduction="sum").item()
+            n += len(d) + 1
+    return total / n, n
+
+
+def test_plain_llama_export_with_use_cache_scores_packed_rows_per_document(tmp_path):
+    """A plain ``LlamaForCausalLM`` saved with ``use_cache: true`` (as every export is) and reloaded: its
+    perplexity on packed multi-document rows is the per-document one.
+    Mutation: drop ``use_cache=False`` in ``eval.perplexity._logits`` -> the packed loss reads 4.58034 against
+    4.58012 (a random model attends almost uniformly), fails."""
+    from transformers import AutoModelForCausalLM
+
+    _tiny_llama(97, hidden=32).save_pretrained(tmp_path / "llama")
+    assert json.loads((tmp_path / "llama" / "config.json").read_text())["use_cache"] is True
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    docs = _docs()
+    ref, n = _per_document_nll(model, docs)
+    res = evaluate_perplexity(model, _rows_of_whole_documents(docs, per_row=4))
+    assert res["tokens"] == n
+    assert res["loss"] == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch,config", [
+    ("transformer", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}),
+    ("mamba2", {"hidden_size": 32, "num_hidden_layers": 2, "head_dim": 16, "state_size": 8, "chunk_size": 8}),
+    ("pararnn", {"cell": "gru", "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2}),
+    ("pararnn", {"cell": "lstm", "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2}),
+])
+def test_every_export_scores_packed_rows_per_document(arch, config, tmp_path):
+    """Each architecture's export, loaded as eval loads it (``load_causal_lm``), through both protocols of
+    ``score``: packed rows (the training layout) and per-document windows equal the per-document reference
+    when every document fits a row. Mutation: ``load_causal_lm`` through ``AutoModelForCausalLM`` for Mamba2
+    (transformers' class, no resets) -> the packed isolation check refuses it, fails."""
+    from eval.perplexity import load_causal_lm, score
+    from models.registry import build_model
+
+    torch.manual_seed(0)
+    build_model(arch, {**config, "vocab_size": 128, "bos_token_id": EOS, "eos_token_id": EOS}).save_pretrained(
+        tmp_path / arch)
+    model = load_causal_lm(tmp_path / arch).eval()
+
+    class Tok:  # what score() needs of a tokenizer: the EOS id and byte lengths
+        eos_token_id = EOS
+        all_special_ids = [EOS]
+        added_tokens_decoder = {}
+
+        def __len__(self):
+            return 128
+
+        def convert_ids_to_tokens(self, ids):
+            return ["a" * (1 + i % 3) for i in ids]
+
+    docs = _docs()
+    ref, n = _per_document_nll(model, docs)
+    for protocol in ("packed", "documents"):
+        res = score(model, Tok(), docs, protocol=protocol, seq_len=96, batch_size=3, device="cpu")
+        assert res["tokens"] == n and res["protocol"] == protocol
+        assert res["loss"] == pytest.approx(ref, rel=1e-5), protocol
+        assert res["bytes"] == sum(1 + t % 3 for d in docs for t in d)  # EOS: 0 bytes
+
+
+def test_packed_protocol_refuses_a_model_that_leaks(tmp_path):
+    """transformers' own Mamba2ForCausalLM ignores document starts: ``packed`` refuses it, ``documents`` scores
+    it per document. Mutation: ``check_packed_isolation`` never raising -> fails."""
+    from transformers import Mamba2ForCausalLM
+
+    from eval.perplexity import check_packed_isolation, document_batches
+    from models.registry import build_model
+
+    torch.manual_seed(0)
+    ours = build_model("mamba2", {"hidden_size": 32, "num_hidden_layers": 2, "head_dim": 16, "state_size": 8,
+                                  "chunk_size": 8, "vocab_size": 128})
+    ours.save_pretrained(tmp_path / "m")
+    hf = Mamba2ForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with pytest.raises(ds.ConfigError, match=r"Mamba2ForCausalLM lets the documents of a packed row see each other"):
+        check_packed_isolation(hf)
+    assert check_packed_isolation(ours) < 1e-5
+    docs = _docs()
+    ref, _ = _per_document_nll(hf, docs)
+    assert evaluate_perplexity(hf, document_batches(docs, 8, 4, EOS))["loss"] != pytest.approx(ref, rel=1e-3)
+    assert evaluate_perplexity(hf, document_batches(docs, 64, 4, EOS))["loss"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_document_windows_and_packed_rows_layout():
+    """Windows of seq_len + 1 overlapping by one score every target once; the packed rows' last row is
+    filled with ignored targets. Mutation: no closing EOS in ``packed_batches`` -> a target missing, fails."""
+    from eval.perplexity import document_batches, packed_batches
+
+    docs = [list(range(10)), list(range(20, 23))]
+    wins = document_batches(docs, seq_len=4, batch_size=8, eos_id=EOS)
+    (batch,) = wins
+    targets = batch["labels"][batch["labels"] != -100].tolist()
+    assert sorted(targets) == sorted([*range(10), EOS, 20, 21, 22, EOS])
+    assert batch["input_ids"][0].tolist() == [EOS, 0, 1, 2] and "position_ids" not in batch
+    rows = packed_batches(docs, seq_len=8, batch_size=2, eos_id=EOS)
+    stream = [EOS, *range(10), EOS, 20, 21, 22, EOS]
+    got = torch.cat([b["labels"].flatten() for b in rows])
+    assert got[got != -100].tolist() == stream[1:]
+    pos = torch.cat([b["position_ids"].flatten() for b in rows]).tolist()
+    assert pos[:14] == [*range(11), 0, 1, 2]
+
+
+def test_perplexity_cli_on_a_local_file(tmp_path):
+    """``python -m eval.perplexity DIR --data FILE``: the exported model's per-document perplexity of a jsonl
+    corpus, as the reference computes it with the tokenizer's ids; a bad input fails in one line."""
+    tok = _gpt2()
+    torch.manual_seed(0)
+    model = _tiny_llama(64 * math.ceil(len(tok) / 64), hidden=16)
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    texts = ["The union is strong.", "We the people, in order to form a more perfect union.", "Thank you."]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "eval.perplexity", str(tmp_path / "hf"), "--data", "c.jsonl", "--text-field", "body",
+           "--seq-len", "8", "--out", str(tmp_path / "ppl.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "ppl.json").read_text())
+    eos = tok.eos_token_id
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            seq = [eos, *tok(t)["input_ids"], eos]
+            for i in range(0, len(seq) - 1, 8):  # windows of 9 tokens, overlapping by one
+                w = torch.tensor([seq[i:i + 9]])
+                total += F.cross_entropy(model(input_ids=w[:, :-1]).logits[0], w[0, 1:], reduction="sum").item()
+                n += w.shape[1] - 1
+    assert res["tokens"] == n and res["documents"] == 3 and res["protocol"] == "documents"
+    assert res["loss"] == pytest.approx(total / n, rel=1e-5)
+    assert res["bytes"] == sum(len(t.encode()) for t in texts)
+    bad = subprocess.run(cmd[:5] + ["missing.jsonl"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "missing.jsonl" in bad.stderr.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -359,6 +535,34 @@ def test_main_writes_json_next_to_checkpoint(checkpoint):
     assert (checkpoint / "eval" / "downstream_mine.json").is_file()
 
 
+def test_main_perplexity_checked_before_downstream_and_any_corpus(checkpoint, tmp_path, monkeypatch):
+    """``perplexity=true`` on an HF directory without a run config stops before any downstream run; with
+    ``perplexity_data=FILE`` it scores that corpus per document.
+    Mutation: plan the perplexity inside the per-checkpoint loop (after downstream) -> downstream runs, fails."""
+    import shutil
+
+    from eval.main import run
+
+    hf_only = tmp_path / "hf_only"
+    shutil.copytree(checkpoint / "hf", hf_only)
+    base = [f"checkpoints=[{hf_only}]", "tasks=[local_copa]", "limit=1", "perplexity=true"]
+    with monkeypatch.context() as m:
+        m.setattr(ds, "run_downstream", lambda *a, **k: pytest.fail("downstream ran before the perplexity check"))
+        with pytest.raises(ds.ConfigError, match=r"has no run config .*set perplexity_data="):
+            run(_compose(base))
+        with pytest.raises(ds.ConfigError, match=r"nope.jsonl"):
+            run(_compose([*base, f"perplexity_data={tmp_path / 'nope.jsonl'}"]))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "A more perfect union."}) + "\n"
+                                      + json.dumps({"text": "Thank you, and good night."}) + "\n")
+    (res,) = run(_compose([*base, f"perplexity_data={tmp_path / 'c.jsonl'}", "perplexity_seq_len=16"]))
+    saved = json.loads((hf_only / "eval" / "perplexity.json").read_text())
+    assert saved["protocol"] == "documents" and saved["loss"] == res["perplexity"]["loss"]
+    tok = _gpt2()
+    assert saved["tokens"] == sum(len(tok(t)["input_ids"]) + 1 for t in ("A more perfect union.",
+                                                                        "Thank you, and good night."))
+    assert json.loads((hf_only / "loss_by_position.json").read_text())["protocol"] == "documents"
+
+
 def test_main_presets_compose():
     from eval.downstream import resolve_tasks
 
@@ -396,6 +600,30 @@ def test_main_cli_error_exit(tmp_path):
     assert proc.returncode == 2
     expected = f"eval.main: error: checkpoints: {tmp_path / 'missing'}: no such directory"
     assert proc.stderr.strip().splitlines()[-1] == expected
+
+
+@pytest.mark.slow
+def test_main_output_is_ours_only(tokenizer, tmp_path):
+    """``eval.main`` on a Mamba2 run with downstream tasks and perplexity prints our lines only: no lm-eval /
+    datasets INFO lines, no progress bars, no transformers "falling back" warnings (issue 14: ~80 lines per
+    model before). Mutation: no ``quiet_libraries()`` in ``eval.main.main`` -> lm-eval lines and bars, fails."""
+    from models.registry import build_model
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    build_model("mamba2", {"hidden_size": 32, "num_hidden_layers": 2, "head_dim": 16, "state_size": 8,
+                           "chunk_size": 8}, len(tokenizer)).save_pretrained(run / "hf")
+    tokenizer.save_pretrained(run / "hf")
+    (run / "config.yaml").write_text("model:\n  arch: mamba2\ndata:\n  name: sotu\n  seq_len: 32\n"
+                                     "  validation_rows: 2\n")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.run([sys.executable, "-m", "eval.main", f"checkpoints=[{run}]", "tasks=smoke", "limit=1",
+                           "perplexity=true"], cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
+    assert len(lines) <= 8, "\n".join(lines)
+    assert "perplexity (packed, sotu)" in proc.stdout and "local_piqa|0" in proc.stdout
 
 
 def test_pararnn_in_process_matches_exported(tokenizer, tmp_path):

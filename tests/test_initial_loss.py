@@ -1,4 +1,5 @@
-"""Initial loss: a freshly built model of every architecture predicts about uniformly over its vocabulary.
+"""Initial loss: a freshly built model of every architecture predicts about uniformly over its vocabulary, and
+under FSDP2 its first-step loss is the one-process loss of the same weights and rows (the last test).
 
 Before any update the mean next-token cross-entropy should be close to ln V (V: the number of logits,
 computed here from the model's output). An untied LM head whose logits have std σ starts at about
@@ -79,3 +80,44 @@ def test_paper_width_starts_near_ln_vocab(arch, size):
     loss, logits, std = initial_loss(model, tokens[:, :-1], tokens[:, 1:], positions)
     assert logits == vocab
     assert_near_ln_vocab(f"{arch}_{size} without blocks", loss, vocab, std)
+
+
+@pytest.mark.slow
+def test_fsdp2_first_step_loss_equals_one_process(tmp_path):
+    """Every architecture under FSDP2 (2 gloo processes, fp32, d=64, 2 blocks; built as train.py builds them, on
+    the first batch of the embedded corpus): each rank's first-step loss equals the loss rank 0 computes for
+    the same rows with its unsharded model (relative 1e-5), so does every gradient (relative norm error 1e-4;
+    a loss scaled by 1.01 on one rank reads 7e-3), the weights and the non-persistent buffers (RoPE)
+    agree across ranks before sharding, and the loss is near ln V. The same script checks the 7B presets on
+    two GPUs (benchmarks/check_first_loss.py). Mutation: rank 1 scales its non-persistent buffers by 1.01 in
+    ``training.distributed.shard`` (a RoPE table that differs on one rank) -> the Transformer's rank-1 loss
+    reads 11.3123 against 11.3091, fails."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(root / "benchmarks" / "check_first_loss.py"), "--tiny", "--out",
+                           str(tmp_path)], cwd=root, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "check_first_loss.json").read_text())
+    assert res["world_size"] == 2 and res["precision"] == "fp32"
+    assert [r["arch"] for r in res["results"]] == ["transformer", "pararnn", "pararnn", "mamba2"]
+    for r in res["results"]:
+        assert len(r["fsdp2"]) == len(r["single"]) == 2
+        for got, ref in zip(r["fsdp2"], r["single"]):
+            assert abs(got - ref) <= 1e-5 * ref, r
+        assert r["differ_across_ranks"] == [] and r["pass"], r
+        assert max(r["grad_rel_err"].values()) <= 1e-4 and len(r["grad_rel_err"]) > 10, r["worst_grad"]
+        assert -0.5 < r["single"][0] - r["ln_vocab"] < 1.5, r
+    assert res["results"][0]["rope_rel_err"] < 1e-6

@@ -18,9 +18,18 @@ Fields that are ours (plain transformers keeps them as unused attributes):
   to x, B, C, dt, the scan, the output projection; no conv, gate, norm or residual, and no final norm),
   the paper's † synthetic tasks (App. C.2). Bare models train and evaluate; they do not generate or export.
 * ``position_encoding``: None or ``"sinusoidal"`` (added to the embeddings; the paper's Keep-nth task).
+* ``init_scheme``: ``"hf"`` = transformers' initialisation (what the paper trained; the paper-size presets),
+  ``"mamba_ssm"`` = mamba-ssm's, the reference implementation's (the comparison presets ``*_tiny``,
+  ``*_125m``). They differ in three places, all by width: ``in_proj`` N(0, 0.1) vs ``nn.Linear``'s U(±1/√d)
+  (7.8× larger at d=2048), embeddings N(0, 0.1) vs N(0, 0.02), A = 1..num_heads vs U(1, 16). With
+  transformers' scales at d=2048, Adam's relative update of ``in_proj`` at a given LR is 7.8× smaller than
+  with mamba-ssm's, and the model fits a repeated batch several times slower than the others
+  (``benchmarks/probe_fit.py``, ``benchmarks/RESULTS.md``); at d=64 the two coincide.
 """
 from huggingface_hub.dataclasses import strict
 from transformers import Mamba2Config
+
+INIT_SCHEMES = ("hf", "mamba_ssm")
 
 
 @strict  # re-derive the field validators from this class's annotations (num_heads may be None here)
@@ -42,6 +51,7 @@ class Mamba2DocConfig(Mamba2Config):
     use_triton: bool | None = None
     block: str = "lm"
     position_encoding: str | None = None
+    init_scheme: str = "hf"
 
     def __post_init__(self, **kwargs):
         if self.block not in ("lm", "bare"):
@@ -49,6 +59,9 @@ class Mamba2DocConfig(Mamba2Config):
         if self.position_encoding not in (None, "sinusoidal"):
             raise ValueError(f"Mamba2DocConfig: position_encoding={self.position_encoding!r} is not None or "
                              f"'sinusoidal'")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"Mamba2DocConfig: init_scheme={self.init_scheme!r} is not one of "
+                             f"{', '.join(INIT_SCHEMES)}")
         if self.num_heads is None:
             if (self.expand * self.hidden_size) % self.head_dim:
                 raise ValueError(f"Mamba2DocConfig: expand·hidden_size={self.expand * self.hidden_size} is not "

@@ -232,16 +232,25 @@ class Mamba2DocForCausalLM(Mamba2ForCausalLM):
 
     @torch.no_grad()
     def initialize_weights(self):
-        """HF's initialisation, then the LM head's as mamba-ssm's (parameters loaded from a checkpoint are skipped).
+        """HF's initialisation, then the LM head's as mamba-ssm's, and with ``init_scheme="mamba_ssm"`` also
+        the embeddings, ``in_proj`` and A as mamba-ssm's (parameters loaded from a checkpoint are skipped).
 
         HF's ``_init_weights`` draws every ``nn.Linear`` from N(0, initializer_range=0.1) whatever its
         width, the LM head included. Behind ``norm_f`` (unit RMS) the logits then have std 0.1·√d: 4.5
         at d=2048, 6.4 at d=4096, and the initial loss is ~20 (1B) / ~28 (7B) instead of about ln V.
         mamba-ssm leaves an untied head at ``nn.Linear``'s default, U(±1/√d): logits of std 1/√3 at
-        every width, initial loss ln V + ~0.2.
+        every width, initial loss ln V + ~0.2. The same width-blind N(0, 0.1) slows ``in_proj``'s learning
+        at large widths (``Mamba2DocConfig`` says by how much); ``init_scheme`` chooses.
         """
         super().initialize_weights()
         init.kaiming_uniform_(self.lm_head.weight, a=math.sqrt(5))  # nn.Linear's default: U(±1/√d)
+        if self.config.init_scheme == "mamba_ssm":  # mamba_ssm/models/mixer_seq_simple.py, modules/mamba2.py
+            init.normal_(self.backbone.embeddings.weight, mean=0.0, std=0.02)
+            for layer in self.backbone.layers:
+                mixer = layer.mixer
+                init.kaiming_uniform_(mixer.in_proj.weight, a=math.sqrt(5))
+                a = torch.empty_like(mixer.A_log, dtype=torch.float32).uniform_(1, 16)  # A_init_range
+                init.copy_(mixer.A_log, torch.log(a).to(mixer.A_log.dtype))
 
     def forward(self, input_ids: torch.LongTensor | None = None, position_ids: torch.LongTensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, cache_params: Cache | None = None,
