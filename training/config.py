@@ -487,6 +487,12 @@ class TrainerConfig(Config):
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
     memory_check: bool = True
     """Before training, refuse a run whose estimated memory exceeds what is free (training/memory.py)."""
+    compile: bool = False
+    """torch.compile every decoder block (fused kernels, less activation memory; the first step compiles,
+    ~1 min at 1B on a GPU). Not with strategy=deepspeed (training/compile.py)."""
+    peak_tflops: float | None = None
+    """Peak dense bf16 TFLOP/s of one device, for the MFU in the logs; null: from the GPU's name (H100/H200
+    989, A100 312, ...; training/flops.py), no MFU on the CPU or an unknown GPU."""
 
     def check(self) -> None:
         super().check()
@@ -513,6 +519,10 @@ class TrainerConfig(Config):
         for name in ("eps", "grad_clip"):
             if getattr(self, name) <= 0:
                 self.fail(name, "must be > 0")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            self.fail("peak_tflops", "must be > 0 or null")
+        if self.compile and self.strategy == "deepspeed":
+            self.fail("compile", "not supported with trainer.strategy=deepspeed (use fsdp2, ddp or single)")
 
     def micro_batch(self, world_size: int) -> int:
         """Sequences per rank and micro-step."""
