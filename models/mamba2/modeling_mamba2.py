@@ -75,11 +75,10 @@ class Mamba2DocMixer(Mamba2Mixer):
 
         use_triton = self.use_triton if self.use_triton is not None else x.is_cuda
         if use_triton:
-            from .ssd import mamba_chunk_scan_combined  # imports triton; only on this path
+            from .ssd import chunk_scan  # imports triton; only on this path
 
-            y = mamba_chunk_scan_combined(
-                x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-                seq_idx=seq_idx, dt_limit=tuple(self.time_step_limit))
+            y = chunk_scan(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                           seq_idx=seq_idx, dt_limit=tuple(self.time_step_limit))
         else:
             dt = F.softplus(dt + self.dt_bias.to(dt.dtype))
             dt = torch.clamp(dt, self.time_step_limit[0], self.time_step_limit[1])
