@@ -43,6 +43,7 @@ from training.metrics import MetricsLogger, close_logging, log_to_file, setup_lo
 from training.optim import build_optimizer, build_scheduler
 from training.preemption import EXIT_REQUEUE, Preemption
 from training.run_dir import check_resume, save_config
+from training.sequence_parallel import setup as setup_sequence_parallel
 
 log = logging.getLogger("train")
 LONG_RUN_S = 600  # an ETA above this gets a hint on how to shorten the run
@@ -285,7 +286,10 @@ def train(job: JobConfig, command: str) -> int:
     accelerator = make_accelerator(t)
     main_process, world_size = accelerator.is_main_process, accelerator.num_processes
     micro_batch = t.micro_batch(world_size)
-    data = build_data(job.data, micro_batch, t.val_batches, accelerator.process_index, world_size)
+    # Sequence parallelism: the ranks of a group read the same rows and each keeps its slice of time steps.
+    sp = setup_sequence_parallel(t.sequence_parallel, accelerator.process_index, world_size)
+    data = build_data(job.data, micro_batch, t.val_batches, sp.dp_rank, sp.dp_size)
+    data.validation = [sp.shard(b) for b in data.validation]
     shapes = build_model(job, data.vocab_size, "meta")
     check_memory(job, shapes, accelerator.device, micro_batch, world_size, accelerator.mixed_precision == "bf16")
 
@@ -300,6 +304,8 @@ def train(job: JobConfig, command: str) -> int:
     model = build_model(job, data.vocab_size, accelerator.device)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if sp.size > 1:
+        model.set_sequence_parallel(sp.group)
     if t.compile:  # speed (issue 18): each block compiled in place, inside checkpointing, before FSDP2
         log.info(f"compile  {compile_blocks(model)} decoder blocks with torch.compile (compiled at the first step)")
     n_params, n_non_embedding = param_counts(model)
@@ -346,7 +352,8 @@ def train(job: JobConfig, command: str) -> int:
             log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
             if tracks_residual:
                 raw_model.track_newton_residual(log_now)
-            batches = [{k: v.to(accelerator.device) for k, v in next(data.train).items()} for _ in range(t.grad_accum)]
+            batches = [{k: v.to(accelerator.device) for k, v in sp.shard(next(data.train)).items()}
+                       for _ in range(t.grad_accum)]
             step = train_step(model, optimizer, accelerator, batches, t, objective)
             scheduler.step()
             state.step += 1
@@ -400,7 +407,7 @@ def train(job: JobConfig, command: str) -> int:
     final = validate(model, data, accelerator.device)
     summary = {"model": job.model.name, "arch": job.model.arch, "params": n_params, "step": state.step,
                "tokens": state.tokens, **final, "run_dir": job.run_dir, "strategy": t.strategy,
-               "world_size": world_size}
+               "world_size": world_size, "sequence_parallel": sp.size}
     hf_dir = os.path.join(job.run_dir, "hf")
     export_hf(accelerator, model, data.tokenizer, hf_dir)
     if main_process:

@@ -20,8 +20,9 @@ fallback to eager pieces. What made that possible per architecture:
 * Mamba2: the Triton SSD through a custom op as well (``models/mamba2/ssd/ops.py``); on the CPU the torch
   SSD is traced.
 
-Not supported: DeepSpeed (its engine wraps the model after this point and owns the parameters' hooks);
-``TrainerConfig.check`` refuses the combination in one line.
+Not supported: DeepSpeed (its engine wraps the model after this point and owns the parameters' hooks) and
+sequence parallelism (the split solve exchanges carries between ranks inside the op, which the custom op's
+plain-tensor signature does not carry); ``TrainerConfig.check`` refuses either combination in one line.
 """
 import torch
 from torch import nn

@@ -489,15 +489,18 @@ class TrainerConfig(Config):
     """Before training, refuse a run whose estimated memory exceeds what is free (training/memory.py)."""
     compile: bool = False
     """torch.compile every decoder block (fused kernels, less activation memory; the first step compiles,
-    ~1 min at 1B on a GPU). Not with strategy=deepspeed (training/compile.py)."""
+    ~1 min at 1B on a GPU). Not with strategy=deepspeed or sequence_parallel > 1 (training/compile.py)."""
     peak_tflops: float | None = None
     """Peak dense bf16 TFLOP/s of one device, for the MFU in the logs; null: from the GPU's name (H100/H200
     989, A100 312, ...; training/flops.py), no MFU on the CPU or an unknown GPU."""
+    sequence_parallel: int = 1
+    """Ranks per sequence: each holds 1/N of every row's time steps (ParaRNN only; the world is N x the
+    data-parallel size; training/sequence_parallel.py)."""
 
     def check(self) -> None:
         super().check()
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "val_batches", "ckpt_every",
-                     "keep_last", "max_nonfinite_steps"):
+                     "keep_last", "max_nonfinite_steps", "sequence_parallel"):
             if getattr(self, name) <= 0:
                 self.fail(name, "must be > 0")
         for name in ("warmup_steps", "max_stalled_steps", "z_loss"):
@@ -523,13 +526,19 @@ class TrainerConfig(Config):
             self.fail("peak_tflops", "must be > 0 or null")
         if self.compile and self.strategy == "deepspeed":
             self.fail("compile", "not supported with trainer.strategy=deepspeed (use fsdp2, ddp or single)")
+        if self.compile and self.sequence_parallel > 1:
+            self.fail("compile", "not supported with trainer.sequence_parallel > 1 (the cell's custom op runs on one "
+                      "rank's sequence)")
 
     def micro_batch(self, world_size: int) -> int:
-        """Sequences per rank and micro-step."""
-        if self.batch_size % (self.grad_accum * world_size):
-            self.fail("batch_size", f"not divisible by trainer.grad_accum={self.grad_accum} x world size "
-                                    f"{world_size}")
-        return self.batch_size // (self.grad_accum * world_size)
+        """Sequences per rank and micro-step (the ranks of a sequence-parallel group share their rows)."""
+        if world_size % self.sequence_parallel:
+            self.fail("sequence_parallel", f"must divide the world size {world_size}")
+        data_parallel = world_size // self.sequence_parallel
+        if self.batch_size % (self.grad_accum * data_parallel):
+            self.fail("batch_size", f"not divisible by trainer.grad_accum={self.grad_accum} x data-parallel size "
+                                    f"{data_parallel} (world size {world_size} / trainer.sequence_parallel)")
+        return self.batch_size // (self.grad_accum * data_parallel)
 
 
 @dataclass
@@ -565,6 +574,14 @@ class JobConfig(Config):
     null: runs/<model.name>."""
     seed: int = 1234
     """Seed of the model's initialisation and of every random number generator."""
+
+    def check(self) -> None:
+        super().check()
+        sp = self.trainer.sequence_parallel
+        if sp > 1 and self.model.arch != "pararnn":
+            self.trainer.fail("sequence_parallel", f"needs model.arch=pararnn, got {self.model.arch}")
+        if self.data.seq_len % sp:
+            self.trainer.fail("sequence_parallel", f"must divide data.seq_len={self.data.seq_len}")
 
     @property
     def lr(self) -> float:

@@ -9,6 +9,10 @@ Each layer is an RNN block followed by an MLP block (the paper's §5.2 and App. 
 Document boundaries come as ``position_ids`` that restart at 0 where a document starts: the cell's
 state and the conv's window are both reset there, so nothing crosses a boundary of a packed row.
 
+Sequence parallelism (:meth:`ParaRNNForCausalLM.set_sequence_parallel`): each rank of a process group
+runs the model on its chunk of the time axis; the cells exchange chunk summaries and the conv reads the
+previous rank's last ``kernel - 1`` inputs (``pararnn_seqpar.py``); norms and MLPs are per token.
+
 Generation keeps a recurrent cache (:class:`ParaRNNCache`, passed as ``cache_params`` like Mamba's): per layer
 the conv's last ``kernel - 1`` inputs and the cell state. The prompt goes through the parallel forward once
 (prefill); every later token costs O(1) (conv step + ``cell.step``), so ``generate()`` is linear in its length.
@@ -27,6 +31,7 @@ from transformers.utils import ModelOutput
 from .configuration_pararnn import ParaRNNConfig
 from .decoding import graph_decode
 from .pararnn_cells import ParaGRU, ParaLSTM, ParaRNNCell
+from .pararnn_seqpar import previous_tail
 
 
 def resolve_mode(mode: str) -> str:
@@ -45,13 +50,16 @@ class CausalDepthwiseConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, kernel))
         self.bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor, positions: Tensor | None) -> Tensor:
-        """Computed in the weights' dtype, returned in x's (bf16 under autocast, like the GEMM outputs): the
+    def forward(self, x: Tensor, positions: Tensor | None, prefix: Tensor | None = None) -> Tensor:
+        """``prefix [B, kernel-1, d]``: the inputs before ``x`` (zeros if None: the sequence starts here).
+        Computed in the weights' dtype, returned in x's (bf16 under autocast, like the GEMM outputs): the
         cell then takes, saves and returns bf16, half the bytes of fp32."""
         # weight[:, -1] is the tap on the current step, weight[:, -1 - j] the tap j steps back.
+        k1, T = self.kernel - 1, x.shape[1]
+        ext = F.pad(x, (0, 0, k1, 0)) if prefix is None else torch.cat([prefix.to(x.dtype), x], dim=1)
         out = x * self.weight[:, -1]
-        for j in range(1, min(self.kernel, x.shape[1] + 1)):
-            shifted = F.pad(x[:, :-j], (0, 0, j, 0))
+        for j in range(1, self.kernel):
+            shifted = ext[:, k1 - j:k1 - j + T]
             if positions is not None:
                 shifted = shifted * (positions >= j).unsqueeze(-1).to(x.dtype)
             out = out + shifted * self.weight[:, -1 - j]
@@ -100,7 +108,11 @@ class RNNBlock(nn.Module):
             return x
         v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
         conv_in = v
-        v = F.silu(self.conv(v, positions))
+        group = self.cell.seq_group
+        if group is not None and cache is not None:
+            raise ValueError("ParaRNN: generation (a cache) does not run sequence parallel")
+        prefix = None if group is None else previous_tail(v, self.conv.kernel - 1, group)
+        v = F.silu(self.conv(v, positions, prefix))
         if cache is not None:
             # Prefill: the parallel forward, keeping the final state and the conv's window.
             v, state = self.cell(v, reset=reset, return_state=True)
@@ -265,6 +277,15 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
         for cell in self.cells():
             cell.mode = resolve_mode(mode)
 
+    def set_sequence_parallel(self, group) -> None:
+        """Split the time axis over the process group ``group`` (None: off). Each rank then passes its chunk
+        of ``input_ids`` / ``position_ids`` (rank r: steps ``[r·T/P, (r+1)·T/P)``) and gets that chunk's
+        logits; each rank's loss is its own tokens' (labels shifted beforehand: ``forward(labels=)`` would
+        shift within the chunk) and the parameter gradients are this rank's part (summed over the ranks,
+        as DDP / FSDP do, they are one device's)."""
+        for cell in self.cells():
+            cell.seq_group = group
+
     def track_newton_residual(self, enabled: bool) -> None:
         """Make every cell record its final Newton residual max-norm on the next forward passes."""
         for cell in self.cells():
@@ -304,6 +325,9 @@ class ParaRNNForCausalLM(ParaRNNPreTrainedModel, GenerationMixin):
         elif attention_mask is not None and position_ids is None and not bool(attention_mask.all()):
             # Left padding (batched generation): each row's document starts at its first real token.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if labels is not None and self.cells()[0].seq_group is not None:
+            raise ValueError("ParaRNN: forward(labels=) shifts within this rank's chunk under sequence parallelism; "
+                             "compute the loss on labels shifted beforehand")
         hidden = self.model(input_ids, position_ids, cache_params)
         keep = logits_to_keep if labels is None else 0  # the loss needs every position
         logits = self.lm_head(hidden[:, -keep:] if keep else hidden)

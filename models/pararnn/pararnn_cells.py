@@ -47,6 +47,9 @@ class ParaRNNCell(nn.Module):
     Newton telemetry: with ``track_residual = True`` each forward stores its final residual max-norm in
     ``last_residual`` (a 0-d tensor; no host sync; under torch.compile on every forward); ``newton_fallbacks``
     counts the chains solved again.
+
+    Sequence parallelism: with ``seq_group`` set to a process group, each rank passes its chunk of the time
+    axis (see ``para_rnn``'s ``seq_group``).
     """
 
     num_gates = 3
@@ -55,6 +58,7 @@ class ParaRNNCell(nn.Module):
     # Parallel modes: keep P for the backward (G·N values per token, vs D_in for x) or recompute it
     # there (one more GEMM). Set False on an instance for memory-bound large models.
     save_projection = True
+    seq_group = None  # a process group splitting the time axis (sequence parallelism), or None
 
     def __init__(self, input_dim: int, state_dim: int, num_heads: int = 2, mode: str = "parallel",
                  newton_iters: int = 3, newton_tol: float = 0.0, clip: float | None = None,
@@ -182,7 +186,7 @@ class ParaRNNCell(nn.Module):
         out = para_rnn(self.math, x, self.B, self.b, tuple(self.recurrent_weights()), h0, reset, mode=self.mode,
                        newton_iters=self.newton_iters, newton_tol=self.newton_tol, clip=self.clip,
                        fallback_tol=self.fallback_tol, fallback_count=self._counter(x.device),
-                       save_projection=self.save_projection, return_residual=track)
+                       save_projection=self.save_projection, return_residual=track, seq_group=self.seq_group)
         if track or self.last_residual is not None:  # nn.Module.__setattr__ is not free
             self.last_residual = out[2] if track else None
         return (out[0], out[1].reshape(Bsz, K * N)) if return_state else out[0]

@@ -69,7 +69,7 @@ def _forward(x: Tensor, B: Tensor, b: Tensor, A: Tensor, C: Tensor | None, h0: T
     fallbacks = torch.zeros((), dtype=torch.int64, device=x.device)
     opts = _options(triton, clip, newton_iters, newton_tol, fallback_tol, fallbacks, save_projection, want_residual)
     with _autocast(x.device.type, autocast):
-        h, P, residual = solve(CELLS[cell], opts, x, h0, reset, B, b, (A,) if C is None else (A, C))
+        h, P, residual, _ = solve(CELLS[cell], opts, x, h0, reset, B, b, (A,) if C is None else (A, C))
     if residual is None:
         residual = torch.zeros((), device=x.device)
     return h.contiguous(), P if save_projection else P.new_empty(0), residual, fallbacks

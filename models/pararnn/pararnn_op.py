@@ -26,6 +26,9 @@ previous state and a tanh; ``h = o·tanh c``), so an absolute tolerance is one r
 scale. The backward treats the trajectory it gets as exact, so it is exact for the corrected one.
 On the Triton path the check costs no host synchronisation: the Newton kernel writes each chain's
 residual, and the sweep kernel, launched every time, returns at once for chains that converged.
+
+Sequence parallelism (``seq_group=``, a process group): each rank passes its time chunk of x and reset
+(rank r: steps ``[r·T/P, (r+1)·T/P)``); the solves are split exactly over the group (:mod:`.pararnn_seqpar`).
 """
 import os
 import warnings
@@ -35,6 +38,8 @@ import torch
 from torch import Tensor
 
 from .pararnn_math import GRU, LSTM, CellMath
+from .pararnn_seqpar import adjoint_carry, all_max, rank_size, resolve_rows, triton_adjoint, triton_solve
+from .pararnn_seqpar import newton as split_newton
 from .pararnn_solve import (
     adjoint,
     cast,
@@ -64,7 +69,8 @@ def resets_from_cu_seqlens(cu_seqlens: Tensor, length: int) -> Tensor:
 def para_rnn(math: CellMath, x: Tensor, B: Tensor, b: Tensor, rw: tuple, h0: Tensor | None = None,
              reset: Tensor | None = None, *, mode: str = "parallel", newton_iters: int = 3,
              newton_tol: float = 0.0, clip: float | None = None, fallback_tol: float | None = FALLBACK_TOL,
-             fallback_count: Tensor | None = None, save_projection: bool = True, return_residual: bool = False):
+             fallback_count: Tensor | None = None, save_projection: bool = True, return_residual: bool = False,
+             seq_group=None):
     """Apply a cell to a whole sequence.
 
     Args:
@@ -86,6 +92,12 @@ def para_rnn(math: CellMath, x: Tensor, B: Tensor, b: Tensor, rw: tuple, h0: Ten
         save_projection: keep the projection P for the backward (3N values per token) or redo it there.
         return_residual: also return Newton's final residual max-norm (0-d fp32, before any re-solve; 0 for
             the exact sequential loop and sweep kernel).
+        seq_group: a ``torch.distributed`` process group over which the time axis is split (sequence
+            parallelism, modes ``"parallel"`` and ``"triton"``): x and reset are this rank's chunk of
+            steps, h0 the sequence's initial state (used on the group's rank 0, its gradient returned
+            there, zeros elsewhere); the outputs are this chunk's (h_T: its last state), the residual the
+            global one, and the parameter gradients this rank's part (sum them over the group). Not under
+            torch.compile.
 
     Returns:
         ``(y [batch, T, N], h_T [batch, K, N])``, plus the residual if ``return_residual``.
@@ -94,6 +106,8 @@ def para_rnn(math: CellMath, x: Tensor, B: Tensor, b: Tensor, rw: tuple, h0: Ten
     _check(name, math, x, B, h0, reset)
     if mode not in MODES:
         raise ValueError(f"{name}: mode={mode!r} is not one of {', '.join(MODES)}")
+    if seq_group is not None and mode == "sequential":
+        raise ValueError(f"{name}: sequence parallelism (seq_group) needs mode 'parallel' or 'triton'")
     if mode == "sequential":
         dtype = compute_dtype(x.dtype)
         keep = None if reset is None else (~reset).to(dtype)[:, :, None, None]
@@ -102,10 +116,11 @@ def para_rnn(math: CellMath, x: Tensor, B: Tensor, b: Tensor, rw: tuple, h0: Ten
         residual = torch.zeros((), device=x.device) if return_residual else None
     else:
         opts = _Options(_kernels(name, math, x) if mode == "triton" else None, newton_iters, newton_tol, clip,
-                        fallback_tol, fallback_count, save_projection, return_residual)
+                        fallback_tol, fallback_count, save_projection, return_residual, seq_group)
         if torch.compiler.is_compiling():  # Dynamo cannot trace the Function; the custom ops hold the same code
-            if math.name not in ("gru", "lstm"):
-                raise NotImplementedError(f"{name}: torch.compile supports the named cells (GRU, LSTM) only")
+            if math.name not in ("gru", "lstm") or seq_group is not None:
+                raise NotImplementedError(f"{name}: torch.compile supports the named cells (GRU, LSTM) without "
+                                          f"sequence parallelism only")
             from .pararnn_library import apply
 
             y, final, residual = apply(math.name, opts, x, h0, reset, B, b, rw)
@@ -186,6 +201,7 @@ class _Options(NamedTuple):  # a tuple: built on every call of the hot path, whe
     fallback_count: Tensor | None
     save_projection: bool
     want_residual: bool
+    seq_group: object = None  # a process group splitting the time axis (pararnn_seqpar), or None
 
 
 class ParaRNNFunction(torch.autograd.Function):
@@ -212,17 +228,20 @@ class ParaRNNFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         # the backward redoes a projection under the same autocast
         ctx.autocast = autocast_state(x.device.type)
-        h, P, residual = solve(math, opts, x, h0, reset, B, b, rw)
+        h, P, residual, carry = solve(math, opts, x, h0, reset, B, b, rw)
         if residual is not None:
             ctx.mark_non_differentiable(residual)
         ctx.math, ctx.opts = math, opts
+        # carry: the state entering this chunk (h0 but on the later ranks of a sequence-parallel group)
+        ctx.h0_dtype = None if h0 is None else h0.dtype
+        ctx.h0_enters = opts.seq_group is None or rank_size(opts.seq_group)[0] == 0
         need_x = ctx.needs_input_grad[5] or not opts.save_projection  # x: for dB, or to recompute P
-        ctx.save_for_backward(x if need_x else None, P if opts.save_projection else None, h0, reset, B, b, h, *rw)
+        ctx.save_for_backward(x if need_x else None, P if opts.save_projection else None, carry, reset, B, b, h, *rw)
         return h[:, :, -1], h[:, -1], residual
 
     @staticmethod
     def backward(ctx, grad_y, grad_final, _grad_residual):
-        x, P, h0, reset, B, b, h, *rw = ctx.saved_tensors
+        x, P, carry, reset, B, b, h, *rw = ctx.saved_tensors
         n_in = 7 + len(rw)
         if grad_y is None and grad_final is None:
             return (None,) * n_in
@@ -236,34 +255,44 @@ class ParaRNNFunction(torch.autograd.Function):
             if grad_final is not None:
                 grad_h[:, -1] += grad_final
         needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[5], ctx.needs_input_grad[6])
-        dx, dB, db, drw, dh0 = gradients(ctx.math, ctx.opts, ctx.autocast, x, P, h0, reset, B, b, h, rw, grad_h,
+        dx, dB, db, drw, dh0 = gradients(ctx.math, ctx.opts, ctx.autocast, x, P, carry, reset, B, b, h, rw, grad_h,
                                          needs)
-        dh0 = dh0 if ctx.needs_input_grad[3] else None
+        if not ctx.needs_input_grad[3]:
+            dh0 = None
+        elif ctx.h0_enters:
+            dh0 = cast(dh0, ctx.h0_dtype)
+        else:  # h0 enters on rank 0 only (dh0 above is the carry's gradient, already sent back)
+            dh0 = h.new_zeros(Bsz, K, N, dtype=ctx.h0_dtype)
         return (None, None, dx, dh0, None, dB, db, *drw)
 
 
 def solve(math: CellMath, opts: _Options, x: Tensor, h0: Tensor | None, reset: Tensor | None, B: Tensor, b: Tensor,
-          rw: tuple) -> tuple[Tensor, Tensor, Tensor | None]:
+          rw: tuple) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """The forward's work (under the caller's autocast): ``(h [batch, T, K, N] in x's dtype, the projection P
-    in the layout its path keeps, Newton's residual or None)``."""
+    in the layout its path keeps, Newton's residual or None, the state entering this chunk: h0 without
+    sequence parallelism)``."""
     kern = opts.kernels
     if kern is not None:
         P = project_heads(x, B)
-        h, residual = kern.solve_forward(math.name, P, rw[0], rw[1] if len(rw) > 1 else None, h0, reset,
-                                         newton_iters=opts.newton_iters, residual=opts.want_residual,
-                                         fallback_tol=opts.fallback_tol, fallback_count=opts.fallback_count,
-                                         bias=b, clip=opts.clip, out_dtype=x.dtype)
-        return h, P, residual
+        solve = dict(newton_iters=opts.newton_iters, residual=opts.want_residual, fallback_tol=opts.fallback_tol,
+                     fallback_count=opts.fallback_count, bias=b, clip=opts.clip, out_dtype=x.dtype)
+        C = rw[1] if len(rw) > 1 else None
+        if opts.seq_group is None:
+            h, residual = kern.solve_forward(math.name, P, rw[0], C, h0, reset, **solve)
+            return h, P, residual, h0
+        h, residual, carry = triton_solve(kern, math, P, rw[0], C, h0, reset, opts.seq_group, **solve)
+        return h, P, residual, carry
     P = project(x, B, b)
-    h, residual = _torch_forward(math, opts, P, h0, reset, rw)
-    return cast(h, x.dtype), P, residual
+    h, residual, carry = _torch_forward(math, opts, P, h0, reset, rw)
+    return cast(h, x.dtype), P, residual, carry
 
 
 def gradients(math: CellMath, opts: _Options, autocast: tuple, x: Tensor | None, P: Tensor | None,
-              h0: Tensor | None, reset: Tensor | None, B: Tensor, b: Tensor, h: Tensor, rw: tuple, grad_h: Tensor,
-              needs: tuple) -> tuple:
+              carry: Tensor | None, reset: Tensor | None, B: Tensor, b: Tensor, h: Tensor, rw: tuple,
+              grad_h: Tensor, needs: tuple) -> tuple:
     """The backward's work from ``grad_h`` (``[batch, T, K, N]``, or the h part ``[batch, T, N]`` on the
-    Triton path): ``(dx, dB, db, d rw, dh0)`` in the dtypes of h, B, b, rw and h0 (dh0 None without h0).
+    Triton path): ``(dx, dB, db, d rw, d carry)`` in the dtypes of h, B, b, rw and carry (None without a
+    carry), ``carry`` the state entering the chunk (:func:`solve`'s; h0 without sequence parallelism).
     ``needs`` = (dx, dB, db) wanted; ``autocast`` = the forward's :func:`autocast_state`, under which a P
     not saved (None) is recomputed from x."""
     kern = opts.kernels
@@ -271,15 +300,21 @@ def gradients(math: CellMath, opts: _Options, autocast: tuple, x: Tensor | None,
         if P is None:
             with torch.no_grad(), _autocast(autocast):
                 P = project_heads(x, B)
-        dP, dA, dC, db, dh0 = kern.solve_backward(math.name, P, rw[0], rw[1] if len(rw) > 1 else None, h0,
-                                                  reset, h, grad_h, bias=b, clip=opts.clip)
+        C = rw[1] if len(rw) > 1 else None
+        if opts.seq_group is None:
+            dP, dA, dC, db, dh0 = kern.solve_backward(math.name, P, rw[0], C, carry, reset, h, grad_h, bias=b,
+                                                      clip=opts.clip)
+        else:
+            dP, dA, dC, db, dh0 = triton_adjoint(kern, math, P, rw[0], C, carry, reset, h, grad_h, opts.seq_group,
+                                                 bias=b, clip=opts.clip)
         drw = (dA,) if dC is None else (dA, dC)
         dx, dB = project_heads_backward(x, B, dP, needs)
     else:
-        dx, dB, db, drw, dh0 = _torch_backward(autocast, math, opts, x, P, h0, reset, B, b, h, rw, grad_h, needs)
+        dx, dB, db, drw, dh0 = _torch_backward(autocast, math, opts, x, P, carry, reset, B, b, h, rw, grad_h,
+                                               needs)
     dx, dB = cast(dx, h.dtype), cast(dB, B.dtype)
     db = cast(db, b.dtype) if needs[2] else None
-    dh0 = cast(dh0, h0.dtype) if h0 is not None else None
+    dh0 = cast(dh0, carry.dtype) if carry is not None else None
     drw = tuple(cast(d, r.dtype) for d, r in zip(drw, rw))
     return dx, dB, db, drw, dh0
 
@@ -296,28 +331,38 @@ def _autocast(state: tuple):
 
 
 def _torch_forward(math: CellMath, opts: _Options, P: Tensor, h0: Tensor | None, reset: Tensor | None, rw: tuple):
-    """Newton in torch, then the exact re-solve of every batch row with an unconverged chain."""
+    """Newton in torch, then the exact re-solve of every batch row with an unconverged chain:
+    ``(h, residual or None, the state entering the chunk)``."""
     dtype = compute_dtype(P.dtype)
     P, h0 = cast(P, dtype), cast(h0, dtype)
     keep = None if reset is None else (~reset).to(dtype)[:, :, None, None]
     rp = _clipped(rw, opts.clip, dtype)
-    h = newton(math, P, rp, h0, keep, opts.newton_iters, opts.newton_tol)
+    group = opts.seq_group
+    if group is None:
+        h, carry = newton(math, P, rp, h0, keep, opts.newton_iters, opts.newton_tol), h0
+    else:
+        h, carry = split_newton(math, P, rp, h0, keep, opts.newton_iters, opts.newton_tol, group)
     if opts.fallback_tol is None and not opts.want_residual:
-        return h, None
-    chains = chain_residual(math, P, rp, h0, keep, h)  # [B, N]
+        return h, None, carry
+    chains = chain_residual(math, P, rp, carry, keep, h)  # [B, N]
+    if group is not None:
+        chains = all_max(chains, group)
     if opts.fallback_tol is not None:
         bad = ~(chains <= opts.fallback_tol)  # NaN is not converged either
         rows = bad.any(-1).nonzero().flatten()  # a host sync on a GPU; this path is not the GPU's hot path
         if rows.numel():
-            with torch.no_grad():
-                h[rows] = sequential(math, P[rows], rp, None if h0 is None else h0[rows],
-                                     None if keep is None else keep[rows])
+            if group is None:
+                with torch.no_grad():
+                    h[rows] = sequential(math, P[rows], rp, None if h0 is None else h0[rows],
+                                         None if keep is None else keep[rows])
+            else:
+                carry = resolve_rows(math, P, rp, carry, keep, h, rows, group)
             if opts.fallback_count is not None:
                 opts.fallback_count.add_(bad.sum())
-    return h, chains.amax() if opts.want_residual else None
+    return h, chains.amax() if opts.want_residual else None, carry
 
 
-def _torch_backward(autocast: tuple, math: CellMath, opts: _Options, x, P, h0, reset, B, b, h, rw, grad_h, needs):
+def _torch_backward(autocast: tuple, math: CellMath, opts: _Options, x, P, carry, reset, B, b, h, rw, grad_h, needs):
     """The torch path's backward: adjoint scan, then the projection's gradients in closed form."""
     dtype = compute_dtype(h.dtype)
     amp = _autocast(autocast)
@@ -325,8 +370,11 @@ def _torch_backward(autocast: tuple, math: CellMath, opts: _Options, x, P, h0, r
         with torch.no_grad(), amp:
             P = project(x, B, b)
     keep = None if reset is None else (~reset).to(dtype)[:, :, None, None]
-    dP, drp, dh0 = adjoint(math, P.to(dtype), _clipped(rw, opts.clip, dtype), cast(h0, dtype), keep,
-                           h.to(dtype), grad_h.to(dtype))
+    Pc, rp, hc, grad_h = P.to(dtype), _clipped(rw, opts.clip, dtype), h.to(dtype), grad_h.to(dtype)
+    carry = cast(carry, dtype)
+    if opts.seq_group is not None:  # add the adjoint arriving from the later ranks
+        grad_h = adjoint_carry(math, Pc, rp, carry, keep, hc, grad_h, opts.seq_group)
+    dP, drp, dh0 = adjoint(math, Pc, rp, carry, keep, hc, grad_h)
     if opts.clip:  # clamp's gradient: zero where the clamp was active
         drp = tuple(d * (r.abs() <= opts.clip) for d, r in zip(drp, rw))
     with amp:  # the projection GEMMs in the activation dtype P had in the forward
