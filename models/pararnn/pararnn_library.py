@@ -129,14 +129,18 @@ def _autograd(ctx, grad_h, _grad_P, _grad_residual, _grad_fallbacks):
             *(None,) * 10)
 
 
-def _register() -> None:
-    if hasattr(torch.ops.pararnn, "forward"):  # registered by another copy of this file (an export's)
-        return
-    forward = torch.library.custom_op("pararnn::forward", _forward, mutates_args=())
-    forward.register_fake(_forward_fake)
-    backward = torch.library.custom_op("pararnn::backward", _backward, mutates_args=())
-    backward.register_fake(_backward_fake)
-    forward.register_autograd(_autograd, setup_context=_setup_context)
+def register_pair(forward_name: str, forward, forward_fake, backward_name: str, backward, backward_fake, autograd,
+                  setup_context) -> None:
+    """Two functional custom ops, a forward and its backward, each with its fake implementation, the backward
+    registered as the forward's autograd formula (``autograd(ctx, *grads)`` calls the backward op). Also
+    used by Mamba2's SSD (``models/mamba2/ssd/ops.py``)."""
+    fwd = torch.library.custom_op(forward_name, forward, mutates_args=())
+    fwd.register_fake(forward_fake)
+    bwd = torch.library.custom_op(backward_name, backward, mutates_args=())
+    bwd.register_fake(backward_fake)
+    fwd.register_autograd(autograd, setup_context=setup_context)
 
 
-_register()
+if not hasattr(torch.ops.pararnn, "forward"):  # else registered by another copy of this file (an export's)
+    register_pair("pararnn::forward", _forward, _forward_fake, "pararnn::backward", _backward, _backward_fake,
+                  _autograd, _setup_context)

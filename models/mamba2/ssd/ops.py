@@ -14,6 +14,8 @@ would otherwise compile and autotune a second variant of each of them in the mid
 import torch
 from torch import Tensor
 
+from models.pararnn.pararnn_library import register_pair
+
 from .ssd_combined import _mamba_chunk_scan_combined_bwd, _mamba_chunk_scan_combined_fwd, mamba_chunk_scan_combined
 
 
@@ -70,12 +72,5 @@ def _autograd(ctx, dout):
     return (*grads, None, None, None, None, None)
 
 
-def _register() -> None:
-    forward = torch.library.custom_op("mamba2_ssd::chunk_scan", _forward, mutates_args=())
-    forward.register_fake(_forward_fake)
-    backward = torch.library.custom_op("mamba2_ssd::chunk_scan_backward", _backward, mutates_args=())
-    backward.register_fake(_backward_fake)
-    forward.register_autograd(_autograd, setup_context=_setup_context)
-
-
-_register()
+register_pair("mamba2_ssd::chunk_scan", _forward, _forward_fake, "mamba2_ssd::chunk_scan_backward", _backward,
+              _backward_fake, _autograd, _setup_context)
