@@ -35,9 +35,11 @@ from eval.export import export_hf
 from eval.perplexity import evaluate_perplexity
 from training.checkpoint import Checkpointer
 from training.common import REPO_ROOT, ConfigError
+from training.compile import compile_blocks
 from training.config import DataConfig, JobConfig, SyntheticConfig, TrainerConfig, compose
 from training.distributed import make_accelerator, prepare, shard, sharded_state
-from training.loss import lm_loss
+from training.flops import flops_per_token, mean_context, peak_flops
+from training.loss import LMObjective
 from training.memory import GiB, available_bytes, estimate_bytes, peak_memory
 from training.metrics import MetricsLogger, close_logging, log_to_file, setup_logging
 from training.optim import build_optimizer, build_scheduler
@@ -190,17 +192,16 @@ def extra_metrics(metrics: dict, prefix: str = "val_") -> str:
 # ------------------------------------------------------------------------------------------------
 # One optimizer step
 # ------------------------------------------------------------------------------------------------
-def train_step(model, optimizer, accelerator, batches: list[dict], t: TrainerConfig) -> dict:
+def train_step(model, optimizer, accelerator, batches: list[dict], t: TrainerConfig, objective: LMObjective) -> dict:
     """Forward, loss and backward over the micro-batches of one optimizer step, then clip and update. A
     step whose loss or gradient norm is not finite makes no update (``finite`` False). Returns the loss
     and z-loss (means over micro-batches and ranks) and the gradient norm before clipping."""
     sums = torch.zeros(2, device=accelerator.device)  # cross-entropy, z-loss
     for batch in batches:
         with accelerator.accumulate(model):
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-            ce, z = lm_loss(logits, batch["labels"], t.z_loss)
-            accelerator.backward(ce + z)
-            sums += torch.stack([ce.detach(), z.detach()])
+            loss, ce, z = objective(model, batch)  # the fused head + loss (training/loss.py)
+            accelerator.backward(loss)
+            sums += torch.stack([ce, z])
             if accelerator.sync_gradients:  # the last micro-batch: the gradients are complete
                 loss, z_loss = accelerator.reduce(sums / len(batches), reduction="mean").tolist()
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.grad_clip))
@@ -333,10 +334,16 @@ def train(job: JobConfig, command: str) -> int:
         model.gradient_checkpointing_enable()
     if sp.size > 1:
         model.set_sequence_parallel(sp.group)
+    if t.compile:  # speed (issue 18): each block compiled in place, inside checkpointing, before FSDP2
+        log.info(f"compile  {compile_blocks(model)} decoder blocks with torch.compile (compiled at the first step)")
     n_params, n_non_embedding = param_counts(model)
     chance_loss = math.log(model.config.vocab_size)
     tracks_residual = hasattr(model, "track_newton_residual")
     raw_model = model
+    # ZeRO-3's partitioned head weight exists only inside the forward: full logits there
+    objective = LMObjective(model, t.z_loss, fused=not (t.strategy == "deepspeed" and t.zero_stage == 3),
+                            compiled=t.compile)
+    peak = peak_flops(accelerator.device, t.peak_tflops)  # MFU in the loss lines (training/flops.py)
     model = shard(accelerator, model, t)  # FSDP2: fully_shard per block + root; other strategies: as is
     optimizer = build_optimizer(model, job.lr, job.weight_decay, t.betas, t.eps)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
@@ -375,7 +382,7 @@ def train(job: JobConfig, command: str) -> int:
                 raw_model.track_newton_residual(log_now)
             batches = [{k: v.to(accelerator.device) for k, v in sp.shard(next(data.train)).items()}
                        for _ in range(t.grad_accum)]
-            step = train_step(model, optimizer, accelerator, batches, t)
+            step = train_step(model, optimizer, accelerator, batches, t, objective)
             scheduler.step()
             state.step += 1
             state.tokens += tokens_per_step
@@ -386,7 +393,12 @@ def train(job: JobConfig, command: str) -> int:
                 record = {"step": state.step, "tokens": state.tokens, "loss": step["loss"], "z_loss": step["z_loss"],
                           "lr": scheduler.get_last_lr()[0], "grad_norm": step["grad_norm"],
                           "tokens_per_s": progress.tokens_per_s(), "nonfinite_steps": state.nonfinite_total,
-                          **peak_memory(accelerator.device)}
+                          **peak_memory(accelerator.device)}  # the peak since the previous loss line
+                if peak is not None:  # MFU per device, FLOPs per token as training/flops.py counts them
+                    flops = flops_per_token(job.model.arch, raw_model.config, n_params,
+                                            mean_context(batches[0]["position_ids"]))
+                    record.update({f"mfu_{k}": round(v * record["tokens_per_s"] / world_size / peak, 4)
+                                   for k, v in flops.items()})
                 residual = raw_model.newton_residual() if tracks_residual else None
                 if residual is not None:
                     record["newton_residual"] = accelerator.reduce(residual.float(), reduction="max").item()
@@ -401,7 +413,8 @@ def train(job: JobConfig, command: str) -> int:
                 progress.bar.set_postfix(loss=f"{step['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if state.step % t.val_every == 0 or state.step == t.max_steps:
                 result = validate(model, data, accelerator.device)
-                metrics.log({"split": "validation", "step": state.step, "tokens": state.tokens, **result})
+                metrics.log({"split": "validation", "step": state.step, "tokens": state.tokens, **result,
+                             **peak_memory(accelerator.device)})
                 log.info(f"step {state.step}/{t.max_steps}  validation loss {result['val_loss']:.4f}  ppl "
                          f"{result['val_ppl']:.2f}" + (f"  bpb {result['val_bpb']:.4f}" if result["val_bpb"] else "")
                          + extra_metrics(result))

@@ -210,6 +210,28 @@ def test_triton_ssd_matches_torch_path_under_interpreter():
     dt_bias = torch.randn(2) * 0.1
     params = [t.requires_grad_() for t in (x, dt_raw, A, B, C, D, dt_bias)]
     y = mamba_chunk_scan_combined(x, dt_raw, A, B, C, 16, D=D, dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx)
+    _check_against_torch_ssd(y, params, seq_idx)
+
+
+@pytest.mark.slow
+def test_triton_ssd_custom_op_compiles_and_matches_torch_path():
+    """``chunk_scan`` as torch.compile traces it (the ``mamba2_ssd`` custom ops, fake implementations and the
+    registered backward; ``aot_eager``, fullgraph) against the torch SSD, forward and backward, one row without
+    a document boundary (seq_idx made by the op). Mutation: _autograd swaps dB and dC -> fails."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    from models.mamba2.ssd import chunk_scan
+
+    x, _, dt_raw, A, B, C, D, _ = _ssd_inputs(b=1, l=32, h=2, p=16, g=1, n=16, dtype=torch.float32)
+    dt_bias = torch.randn(2) * 0.1
+    params = [t.requires_grad_() for t in (x, dt_raw, A, B, C, D, dt_bias)]
+    scan = torch.compile(chunk_scan, backend="aot_eager", fullgraph=True)
+    y = scan(x, dt_raw, A, B, C, 16, D=D, dt_bias=dt_bias, dt_softplus=True)
+    _check_against_torch_ssd(y, params, None)
+
+
+def _check_against_torch_ssd(y, params, seq_idx) -> None:
+    x, dt_raw, A, B, C, D, dt_bias = params
     ref = ssd_chunked(x, F.softplus(dt_raw + dt_bias), A, B, C, 16, D=D, seq_idx=seq_idx)
     assert rel_err(y, ref) < 1e-5
     weight = torch.randn_like(y)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train import lm_loss
+from training.loss import lm_loss
 from training.optim import build_optimizer, build_scheduler, lr_factor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -602,6 +602,12 @@ class TrainerConfig(Config):
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
     memory_check: bool = True
     """Before training, refuse a run whose estimated memory exceeds what is free (training/memory.py)."""
+    compile: bool = False
+    """torch.compile every decoder block (fused kernels, less activation memory; the first step compiles,
+    ~1 min at 1B on a GPU). Not with strategy=deepspeed or sequence_parallel > 1 (training/compile.py)."""
+    peak_tflops: float | None = None
+    """Peak dense bf16 TFLOP/s of one device, for the MFU in the logs; null: from the GPU's name (H100/H200
+    989, A100 312, ...; training/flops.py), no MFU on the CPU or an unknown GPU."""
     sequence_parallel: int = 1
     """Ranks per sequence: each holds 1/N of every row's time steps (ParaRNN only; the world is N x the
     data-parallel size; training/sequence_parallel.py)."""
@@ -631,6 +637,13 @@ class TrainerConfig(Config):
         for name in ("eps", "grad_clip"):
             if getattr(self, name) <= 0:
                 self.fail(name, "must be > 0")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            self.fail("peak_tflops", "must be > 0 or null")
+        if self.compile and self.strategy == "deepspeed":
+            self.fail("compile", "not supported with trainer.strategy=deepspeed (use fsdp2, ddp or single)")
+        if self.compile and self.sequence_parallel > 1:
+            self.fail("compile", "not supported with trainer.sequence_parallel > 1 (the cell's custom op runs on one "
+                      "rank's sequence)")
 
     def micro_batch(self, world_size: int) -> int:
         """Sequences per rank and micro-step (the ranks of a sequence-parallel group share their rows)."""

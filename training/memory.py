@@ -77,9 +77,12 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
 
 
 def peak_memory(device: torch.device) -> dict:
-    """This rank's peak CUDA memory so far, in GiB (allocated by tensors, reserved by the allocator);
-    nothing on the CPU."""
+    """This rank's peak CUDA memory in GiB (allocated by tensors, reserved by the allocator) since the
+    previous call (the peak is reset after reading), so that each loss line and each validation line has
+    its own; nothing on the CPU."""
     if device.type != "cuda":
         return {}
-    return {"peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 3),
+    peak = {"peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 3),
             "peak_mem_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GiB, 3)}
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak

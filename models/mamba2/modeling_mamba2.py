@@ -85,11 +85,10 @@ def _scan(mixer, x, dt, B, C, seq_idx):
     A = -torch.exp(mixer.A_log.float())
     use_triton = mixer.use_triton if mixer.use_triton is not None else x.is_cuda
     if use_triton:
-        from .ssd import mamba_chunk_scan_combined  # imports triton; only on this path
+        from .ssd import chunk_scan  # imports triton; only on this path
 
-        return mamba_chunk_scan_combined(
-            x, dt, A, B, C, mixer.chunk_size, D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True,
-            seq_idx=seq_idx, dt_limit=tuple(mixer.time_step_limit))
+        return chunk_scan(x, dt, A, B, C, mixer.chunk_size, D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True,
+                          seq_idx=seq_idx, dt_limit=tuple(mixer.time_step_limit))
     dt = F.softplus(dt + mixer.dt_bias.to(dt.dtype))
     dt = torch.clamp(dt, mixer.time_step_limit[0], mixer.time_step_limit[1])
     return ssd_chunked(x, dt, A, B, C, mixer.chunk_size, D=mixer.D, seq_idx=seq_idx)

@@ -69,7 +69,9 @@ class CausalDepthwiseConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor, positions: Tensor | None, prefix: Tensor | None = None) -> Tensor:
-        """``prefix [B, kernel-1, d]``: the inputs before ``x`` (zeros if None: the sequence starts here)."""
+        """``prefix [B, kernel-1, d]``: the inputs before ``x`` (zeros if None: the sequence starts here).
+        Computed in the weights' dtype, returned in x's (bf16 under autocast, like the GEMM outputs): the
+        cell then takes, saves and returns bf16, half the bytes of fp32."""
         # weight[:, -1] is the tap on the current step, weight[:, -1 - j] the tap j steps back.
         k1, T = self.kernel - 1, x.shape[1]
         ext = F.pad(x, (0, 0, k1, 0)) if prefix is None else torch.cat([prefix.to(x.dtype), x], dim=1)
@@ -79,7 +81,7 @@ class CausalDepthwiseConv(nn.Module):
             if positions is not None:
                 shifted = shifted * (positions >= j).unsqueeze(-1).to(x.dtype)
             out = out + shifted * self.weight[:, -1 - j]
-        return out + self.bias
+        return (out + self.bias).to(x.dtype)
 
     def tail(self, x: Tensor, positions: Tensor | None) -> Tensor:
         """The window the next step needs: the last ``kernel - 1`` inputs ``[B, kernel-1, d]``, zero before the
@@ -97,7 +99,7 @@ class CausalDepthwiseConv(nn.Module):
         """One step: ``x_t [B, d]`` and the window ``[B, kernel-1, d]`` -> ``(y_t [B, d], new window)``."""
         full = torch.cat([window.to(x_t.dtype), x_t.unsqueeze(1)], dim=1)  # full[:, i] meets weight[:, i]
         y = (full * self.weight.t()).sum(1) + self.bias
-        return y, full[:, 1:]
+        return y.to(x_t.dtype), full[:, 1:]
 
 
 class RNNBlock(nn.Module):
@@ -143,7 +145,8 @@ class RNNBlock(nn.Module):
         return self._output(x, torch.stack(ys, dim=1), g), window, state
 
     def _output(self, x: Tensor, v: Tensor, g: Tensor) -> Tensor:
-        return self.residual_scale * x + self.out_proj(self.out_norm(v) * F.silu(g))
+        # the norm in fp32 (the cell's output is bf16 under autocast; fp32 keeps the fused norm kernel in eager)
+        return self.residual_scale * x + self.out_proj(self.out_norm(v.float()) * F.silu(g))
 
 
 class BareBlock(nn.Module):

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import pararnn_library  # noqa: F401  (registers the custom ops torch.compile traces the op through)
 from .pararnn_math import GRU, LSTM, CellMath, generic_math, gru_transition, lstm_transition, with_autodiff
 from .pararnn_op import FALLBACK_TOL, MODES, para_rnn, resets_from_cu_seqlens
 from .pararnn_solve import compute_dtype, project
@@ -44,7 +45,8 @@ class ParaRNNCell(nn.Module):
     the Jacobian K×K blocks) and implement :meth:`transition` (or set ``cell_math``).
 
     Newton telemetry: with ``track_residual = True`` each forward stores its final residual max-norm in
-    ``last_residual`` (a 0-d tensor; no host sync); ``newton_fallbacks`` counts the chains solved again.
+    ``last_residual`` (a 0-d tensor; no host sync; under torch.compile on every forward); ``newton_fallbacks``
+    counts the chains solved again.
 
     Sequence parallelism: with ``seq_group`` set to a process group, each rank passes its chunk of the time
     axis (see ``para_rnn``'s ``seq_group``).
@@ -90,7 +92,9 @@ class ParaRNNCell(nn.Module):
         self.b = nn.Parameter(torch.empty(G, N))
         self.track_residual = False
         self.last_residual: Tensor | None = None
-        self._fallbacks: Tensor | None = None
+        # Made here, on the device the module is built on, so that a compiled forward finds it in place
+        # (creating it there would recompile the block once).
+        self._fallbacks = torch.zeros((), dtype=torch.int64) if fallback_tol is not None else None
         if type(self).__init__ is ParaRNNCell.__init__:
             # A subclass that defines only transition() must not be left with torch.empty weights.
             self.reset_parameters()
@@ -176,20 +180,22 @@ class ParaRNNCell(nn.Module):
                 raise ValueError(f"{type(self).__name__}: state must be [batch, {K * N}] = [{Bsz}, {K * N}], "
                                  f"got {tuple(state.shape)}")
             h0 = state.reshape(Bsz, K, N)
+        # Compiled, the residual is always returned (it costs one small reduction): one graph whether it is
+        # tracked or not.
+        track = torch.compiler.is_compiling() or self.track_residual
         out = para_rnn(self.math, x, self.B, self.b, tuple(self.recurrent_weights()), h0, reset, mode=self.mode,
                        newton_iters=self.newton_iters, newton_tol=self.newton_tol, clip=self.clip,
                        fallback_tol=self.fallback_tol, fallback_count=self._counter(x.device),
-                       save_projection=self.save_projection, return_residual=self.track_residual,
-                       seq_group=self.seq_group)
-        if self.track_residual or self.last_residual is not None:  # nn.Module.__setattr__ is not free
-            self.last_residual = out[2] if self.track_residual else None
+                       save_projection=self.save_projection, return_residual=track, seq_group=self.seq_group)
+        if track or self.last_residual is not None:  # nn.Module.__setattr__ is not free
+            self.last_residual = out[2] if track else None
         return (out[0], out[1].reshape(Bsz, K * N)) if return_state else out[0]
 
     def _counter(self, device: torch.device) -> Tensor | None:
         if self.fallback_tol is None:
             return None
         if self._fallbacks is None or self._fallbacks.device != device:
-            start = 0 if self._fallbacks is None else self._fallbacks.item()
+            start = 0 if self._fallbacks is None or self._fallbacks.is_meta else self._fallbacks.item()
             self._fallbacks = torch.tensor(start, dtype=torch.int64, device=device)
         return self._fallbacks
 

@@ -96,7 +96,8 @@ def para_rnn(math: CellMath, x: Tensor, B: Tensor, b: Tensor, rw: tuple, h0: Ten
             parallelism, modes ``"parallel"`` and ``"triton"``): x and reset are this rank's chunk of
             steps, h0 the sequence's initial state (used on the group's rank 0, its gradient returned
             there, zeros elsewhere); the outputs are this chunk's (h_T: its last state), the residual the
-            global one, and the parameter gradients this rank's part (sum them over the group).
+            global one, and the parameter gradients this rank's part (sum them over the group). Not under
+            torch.compile.
 
     Returns:
         ``(y [batch, T, N], h_T [batch, K, N])``, plus the residual if ``return_residual``.
@@ -116,7 +117,15 @@ def para_rnn(math: CellMath, x: Tensor, B: Tensor, b: Tensor, rw: tuple, h0: Ten
     else:
         opts = _Options(_kernels(name, math, x) if mode == "triton" else None, newton_iters, newton_tol, clip,
                         fallback_tol, fallback_count, save_projection, return_residual, seq_group)
-        y, final, residual = ParaRNNFunction.apply(math, opts, x, h0, reset, B, b, *rw)
+        if torch.compiler.is_compiling():  # Dynamo cannot trace the Function; the custom ops hold the same code
+            if math.name not in ("gru", "lstm") or seq_group is not None:
+                raise NotImplementedError(f"{name}: torch.compile supports the named cells (GRU, LSTM) without "
+                                          f"sequence parallelism only")
+            from .pararnn_library import apply
+
+            y, final, residual = apply(math.name, opts, x, h0, reset, B, b, rw)
+        else:
+            y, final, residual = ParaRNNFunction.apply(math, opts, x, h0, reset, B, b, *rw)
     return (y, final, residual) if return_residual else (y, final)
 
 
@@ -192,7 +201,7 @@ class _Options(NamedTuple):  # a tuple: built on every call of the hot path, whe
     fallback_count: Tensor | None
     save_projection: bool
     want_residual: bool
-    seq_group: object  # a process group splitting the time axis (pararnn_seqpar), or None
+    seq_group: object = None  # a process group splitting the time axis (pararnn_seqpar), or None
 
 
 class ParaRNNFunction(torch.autograd.Function):
@@ -217,24 +226,9 @@ class ParaRNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, math: CellMath, opts: _Options, x, h0, reset, B, b, *rw):
         ctx.set_materialize_grads(False)
-        kern = opts.kernels
-        if kern is None or not opts.save_projection:  # the backward redoes a projection under the same autocast
-            ctx.autocast = (x.device.type, torch.get_autocast_dtype(x.device.type),
-                            torch.is_autocast_enabled(x.device.type))
-        if kern is not None:
-            P = project_heads(x, B)
-            solve = dict(newton_iters=opts.newton_iters, residual=opts.want_residual, fallback_tol=opts.fallback_tol,
-                         fallback_count=opts.fallback_count, bias=b, clip=opts.clip, out_dtype=x.dtype)
-            C = rw[1] if len(rw) > 1 else None
-            if opts.seq_group is None:
-                h, residual = kern.solve_forward(math.name, P, rw[0], C, h0, reset, **solve)
-                carry = h0
-            else:
-                h, residual, carry = triton_solve(kern, math, P, rw[0], C, h0, reset, opts.seq_group, **solve)
-        else:
-            P = project(x, B, b)
-            h, residual, carry = _torch_forward(math, opts, P, h0, reset, rw)
-            h = cast(h, x.dtype)
+        # the backward redoes a projection under the same autocast
+        ctx.autocast = autocast_state(x.device.type)
+        h, P, residual, carry = solve(math, opts, x, h0, reset, B, b, rw)
         if residual is not None:
             ctx.mark_non_differentiable(residual)
         ctx.math, ctx.opts = math, opts
@@ -248,13 +242,11 @@ class ParaRNNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_final, _grad_residual):
         x, P, carry, reset, B, b, h, *rw = ctx.saved_tensors
-        math, opts = ctx.math, ctx.opts
-        kern = opts.kernels
         n_in = 7 + len(rw)
         if grad_y is None and grad_final is None:
             return (None,) * n_in
         Bsz, T, K, N = h.shape
-        if grad_final is None and kern is not None:
+        if grad_final is None and ctx.opts.kernels is not None:
             grad_h = grad_y  # the kernels take the h part alone
         else:
             grad_h = h.new_zeros(Bsz, T, K, N)
@@ -263,36 +255,78 @@ class ParaRNNFunction(torch.autograd.Function):
             if grad_final is not None:
                 grad_h[:, -1] += grad_final
         needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[5], ctx.needs_input_grad[6])
-        if kern is not None:
-            if P is None:
-                with torch.no_grad(), _autocast(ctx):
-                    P = project_heads(x, B)
-            C = rw[1] if len(rw) > 1 else None
-            if opts.seq_group is None:
-                dP, dA, dC, db, dh0 = kern.solve_backward(math.name, P, rw[0], C, carry, reset, h, grad_h, bias=b,
-                                                          clip=opts.clip)
-            else:
-                dP, dA, dC, db, dh0 = triton_adjoint(kern, math, P, rw[0], C, carry, reset, h, grad_h,
-                                                            opts.seq_group, bias=b, clip=opts.clip)
-            drw = (dA,) if dC is None else (dA, dC)
-            dx, dB = project_heads_backward(x, B, dP, needs)
-        else:
-            dx, dB, db, drw, dh0 = _torch_backward(ctx, math, opts, x, P, carry, reset, B, b, h, rw, grad_h, needs)
-        dx, dB = cast(dx, h.dtype), cast(dB, B.dtype)
-        db = cast(db, b.dtype) if needs[2] else None
+        dx, dB, db, drw, dh0 = gradients(ctx.math, ctx.opts, ctx.autocast, x, P, carry, reset, B, b, h, rw, grad_h,
+                                         needs)
         if not ctx.needs_input_grad[3]:
             dh0 = None
         elif ctx.h0_enters:
             dh0 = cast(dh0, ctx.h0_dtype)
         else:  # h0 enters on rank 0 only (dh0 above is the carry's gradient, already sent back)
             dh0 = h.new_zeros(Bsz, K, N, dtype=ctx.h0_dtype)
-        drw = tuple(cast(d, r.dtype) for d, r in zip(drw, rw))
         return (None, None, dx, dh0, None, dB, db, *drw)
 
 
-def _autocast(ctx):
+def solve(math: CellMath, opts: _Options, x: Tensor, h0: Tensor | None, reset: Tensor | None, B: Tensor, b: Tensor,
+          rw: tuple) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The forward's work (under the caller's autocast): ``(h [batch, T, K, N] in x's dtype, the projection P
+    in the layout its path keeps, Newton's residual or None, the state entering this chunk: h0 without
+    sequence parallelism)``."""
+    kern = opts.kernels
+    if kern is not None:
+        P = project_heads(x, B)
+        solve = dict(newton_iters=opts.newton_iters, residual=opts.want_residual, fallback_tol=opts.fallback_tol,
+                     fallback_count=opts.fallback_count, bias=b, clip=opts.clip, out_dtype=x.dtype)
+        C = rw[1] if len(rw) > 1 else None
+        if opts.seq_group is None:
+            h, residual = kern.solve_forward(math.name, P, rw[0], C, h0, reset, **solve)
+            return h, P, residual, h0
+        h, residual, carry = triton_solve(kern, math, P, rw[0], C, h0, reset, opts.seq_group, **solve)
+        return h, P, residual, carry
+    P = project(x, B, b)
+    h, residual, carry = _torch_forward(math, opts, P, h0, reset, rw)
+    return cast(h, x.dtype), P, residual, carry
+
+
+def gradients(math: CellMath, opts: _Options, autocast: tuple, x: Tensor | None, P: Tensor | None,
+              carry: Tensor | None, reset: Tensor | None, B: Tensor, b: Tensor, h: Tensor, rw: tuple,
+              grad_h: Tensor, needs: tuple) -> tuple:
+    """The backward's work from ``grad_h`` (``[batch, T, K, N]``, or the h part ``[batch, T, N]`` on the
+    Triton path): ``(dx, dB, db, d rw, d carry)`` in the dtypes of h, B, b, rw and carry (None without a
+    carry), ``carry`` the state entering the chunk (:func:`solve`'s; h0 without sequence parallelism).
+    ``needs`` = (dx, dB, db) wanted; ``autocast`` = the forward's :func:`autocast_state`, under which a P
+    not saved (None) is recomputed from x."""
+    kern = opts.kernels
+    if kern is not None:
+        if P is None:
+            with torch.no_grad(), _autocast(autocast):
+                P = project_heads(x, B)
+        C = rw[1] if len(rw) > 1 else None
+        if opts.seq_group is None:
+            dP, dA, dC, db, dh0 = kern.solve_backward(math.name, P, rw[0], C, carry, reset, h, grad_h, bias=b,
+                                                      clip=opts.clip)
+        else:
+            dP, dA, dC, db, dh0 = triton_adjoint(kern, math, P, rw[0], C, carry, reset, h, grad_h, opts.seq_group,
+                                                 bias=b, clip=opts.clip)
+        drw = (dA,) if dC is None else (dA, dC)
+        dx, dB = project_heads_backward(x, B, dP, needs)
+    else:
+        dx, dB, db, drw, dh0 = _torch_backward(autocast, math, opts, x, P, carry, reset, B, b, h, rw, grad_h,
+                                               needs)
+    dx, dB = cast(dx, h.dtype), cast(dB, B.dtype)
+    db = cast(db, b.dtype) if needs[2] else None
+    dh0 = cast(dh0, carry.dtype) if carry is not None else None
+    drw = tuple(cast(d, r.dtype) for d, r in zip(drw, rw))
+    return dx, dB, db, drw, dh0
+
+
+def autocast_state(device_type: str) -> tuple:
+    """``(device type, dtype, enabled)``: the autocast a backward must redo forward work under."""
+    return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
+
+
+def _autocast(state: tuple):
     """The forward's autocast state, for work the backward redoes (it does not run under autocast)."""
-    device_type, dtype, enabled = ctx.autocast
+    device_type, dtype, enabled = state
     return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
@@ -328,10 +362,10 @@ def _torch_forward(math: CellMath, opts: _Options, P: Tensor, h0: Tensor | None,
     return h, chains.amax() if opts.want_residual else None, carry
 
 
-def _torch_backward(ctx, math: CellMath, opts: _Options, x, P, carry, reset, B, b, h, rw, grad_h, needs):
+def _torch_backward(autocast: tuple, math: CellMath, opts: _Options, x, P, carry, reset, B, b, h, rw, grad_h, needs):
     """The torch path's backward: adjoint scan, then the projection's gradients in closed form."""
     dtype = compute_dtype(h.dtype)
-    amp = _autocast(ctx)
+    amp = _autocast(autocast)
     if P is None:
         with torch.no_grad(), amp:
             P = project(x, B, b)
