@@ -145,8 +145,9 @@ class RNNBlock(nn.Module):
         return self._output(x, torch.stack(ys, dim=1), g), window, state
 
     def _output(self, x: Tensor, v: Tensor, g: Tensor) -> Tensor:
-        # the norm in fp32 (the cell's output is bf16 under autocast; fp32 keeps the fused norm kernel in eager)
-        return self.residual_scale * x + self.out_proj(self.out_norm(v.float()) * F.silu(g))
+        # the norm in fp32 (the cell's output is bf16 under autocast; fp32 keeps the fused norm kernel in eager),
+        # back in v's dtype for the projection (bf16 weights without autocast: FSDP2's param_dtype)
+        return self.residual_scale * x + self.out_proj(self.out_norm(v.float()).to(v.dtype) * F.silu(g))
 
 
 class BareBlock(nn.Module):
