@@ -148,16 +148,18 @@ def build_data(cfg: DataConfig | SyntheticConfig, micro_batch: int, val_batches:
 # ------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------
-def build_model(job: JobConfig, data: DataSource, device: torch.device | str) -> torch.nn.Module:
+def build_model(job: JobConfig, data: DataSource | None, device: torch.device | str) -> torch.nn.Module:
     """The model of ``model.arch`` / ``model.config`` for ``data``'s vocabulary on ``device`` ("meta": shapes
-    only)."""
+    only); ``data`` None: the config's own vocabulary (to check a model config before any data is read)."""
     # transformers, the slowest import of a run, comes with models/: after the config checks.
     from models.registry import build_model as build
 
-    config = job.model.config if data.pad_vocab else {"vocab_size": data.vocab_size, **job.model.config}
+    config, vocab_size = job.model.config, (data.vocab_size if data is not None else None)
+    if data is not None and not data.pad_vocab:
+        config = {"vocab_size": data.vocab_size, **config}
     try:  # a bad config key, a vocab smaller than the data's: one line naming the key
         with torch.device(device):
-            return build(job.model.arch, config, data.vocab_size)
+            return build(job.model.arch, config, vocab_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
