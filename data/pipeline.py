@@ -276,9 +276,10 @@ def reading_error(cfg: DataConfig, split: str, err: BaseException) -> ConfigErro
 # ------------------------------------------------------------------------------------------------
 # Tokenizer
 # ------------------------------------------------------------------------------------------------
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained`` on a local directory (relative to the current directory) or, if
-    no such directory exists and the string does not look like a path, a hub name."""
+    no such directory exists and the string does not look like a path, a hub name. ``trust_remote_code``:
+    for a model export, whose config's ``auto_map`` AutoTokenizer reads (without it, it asks on stdin)."""
     from transformers import AutoTokenizer
 
     local = Path(resolve_path(name_or_path))
@@ -290,7 +291,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     else:
         source = name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:  # offline hub lookups raise OSError with multi-line text
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(f"tokenizer: could not load '{name_or_path}': {type(exc).__name__}: {first}") from exc

@@ -141,7 +141,7 @@ def run_perplexity(ckpt: Checkpoint, cfg: DictConfig, out_dir: Path, plan: Perpl
         write_loss_by_position,
     )
 
-    tokenizer = pipeline.load_tokenizer(str(cfg.tokenizer or ckpt.hf_dir))
+    tokenizer = pipeline.load_tokenizer(str(cfg.tokenizer or ckpt.hf_dir), bool(cfg.trust_remote_code))
     batch_size = int(cfg.perplexity_batch_size)
     if plan.own and plan.protocol == "packed":
         batches = pipeline.validation_batches(plan.data, tokenizer, batch_size=batch_size)
@@ -202,7 +202,7 @@ def evaluate(ckpt: Checkpoint, cfg: DictConfig, p: EvalPlan) -> dict[str, Any]:
     out_path = out_dir / f"downstream_{p.preset}.json"
     log.info("%s: downstream %s (%d tasks, limit %s) -> %s", ckpt.given, p.preset, len(p.specs), p.limit, out_path)
     model = load_causal_lm(ckpt.hf_dir, cfg.dtype, bool(cfg.trust_remote_code))
-    tokenizer = load_tokenizer(str(Path(str(cfg.tokenizer or ckpt.hf_dir)).resolve()))
+    tokenizer = load_tokenizer(str(Path(str(cfg.tokenizer or ckpt.hf_dir)).resolve()), bool(cfg.trust_remote_code))
     res = run_downstream(
         model, tokenizer, tasks=[{"task": s.task, "num_fewshot": s.num_fewshot} for s in p.specs], limit=p.limit,
         batch_size=cfg.batch_size, device=cfg.device, output_path=None, data_root=p.data_root, hub=bool(cfg.hub),

@@ -603,25 +603,32 @@ def test_main_cli_error_exit(tmp_path):
 
 
 @pytest.mark.slow
-def test_main_output_is_ours_only(tokenizer, tmp_path):
-    """``eval.main`` on a Mamba2 run with downstream tasks and perplexity prints our lines only: no lm-eval /
+@pytest.mark.parametrize("arch,config", [
+    ("mamba2", {"hidden_size": 32, "num_hidden_layers": 2, "head_dim": 16, "state_size": 8, "chunk_size": 8}),
+    ("pararnn", {"cell": "gru", "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2}),
+])
+def test_main_output_is_ours_only(arch, config, tokenizer, tmp_path):
+    """``eval.main`` on a run with downstream tasks and perplexity prints our lines only: no lm-eval /
     datasets INFO lines, no progress bars, no transformers "falling back" warnings (issue 14: ~80 lines per
-    model before). Mutation: no ``quiet_libraries()`` in ``eval.main.main`` -> lm-eval lines and bars, fails."""
+    model before), and for the ParaRNN export (custom code) no "Do you wish to run the custom code?" prompt.
+    Mutations: no ``quiet_libraries()`` in ``eval.main.main`` -> lm-eval lines and bars, fails;
+    ``load_tokenizer`` without ``trust_remote_code`` -> the prompt (pararnn), fails."""
     from models.registry import build_model
 
     torch.manual_seed(0)
     run = tmp_path / "run"
-    build_model("mamba2", {"hidden_size": 32, "num_hidden_layers": 2, "head_dim": 16, "state_size": 8,
-                           "chunk_size": 8}, len(tokenizer)).save_pretrained(run / "hf")
+    build_model(arch, config, len(tokenizer)).save_pretrained(run / "hf")
     tokenizer.save_pretrained(run / "hf")
-    (run / "config.yaml").write_text("model:\n  arch: mamba2\ndata:\n  name: sotu\n  seq_len: 32\n"
+    (run / "config.yaml").write_text(f"model:\n  arch: {arch}\ndata:\n  name: sotu\n  seq_len: 32\n"
                                      "  validation_rows: 2\n")
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     proc = subprocess.run([sys.executable, "-m", "eval.main", f"checkpoints=[{run}]", "tasks=smoke", "limit=1",
                            "perplexity=true"], cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
+    output = proc.stdout + proc.stderr
+    assert "custom code" not in output and "instantiate a model of type" not in output, output[-3000:]
+    lines = [l for l in output.splitlines() if l.strip()]
     assert len(lines) <= 8, "\n".join(lines)
     assert "perplexity (packed, sotu)" in proc.stdout and "local_piqa|0" in proc.stdout
 
