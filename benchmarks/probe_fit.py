@@ -2,7 +2,7 @@
 """Can each architecture fit one batch? The repeated-batch probe, and Mamba2's Triton-vs-torch gradients.
 
     python benchmarks/probe_fit.py --presets mamba2_1b transformer_1b paragru_1b --mamba2-init hf mamba_ssm --out $OUT
-    python benchmarks/probe_fit.py --presets mamba2_1b --grad-check --no-fit --layers 8 --out $OUT
+    python benchmarks/probe_fit.py --presets mamba2_1b --grad-check --no-fit --layers 8 --dot-precision ieee --out $OUT
     TRITON_INTERPRET=1 python benchmarks/probe_fit.py --tiny --out /tmp/probe                  # CPU, ~1 min
 
 **Fit** (every preset): the same batch of random tokens (B x T, one document per row, seeded) for
@@ -16,8 +16,11 @@ for a weight followed by a normalisation, how fast the function moves).
 **Gradient check** (``--grad-check``, Mamba2 presets): one forward and backward of the same model and
 ``--grad-batch`` rows in fp32 through the Triton SSD kernels (``use_triton=True``) and through the torch
 chunked scan (``use_triton=False``): the logits' and every parameter gradient's relative error ``||a - b|| / ||b||``,
-worst first. Tolerance 1e-2 (Triton's ``tl.dot`` rounds fp32 inputs to TF32: ~1e-3 measured at the
-tiny and small sizes, ``benchmarks/RESULTS.md``).
+worst first. Triton's ``tl.dot`` rounds fp32 inputs to TF32 (unit roundoff 2^-11) as the kernels run in
+training: tolerance 1e-2, which the 1B width exceeds for the small parameters whose gradient is a sum over
+every position (A_log, D, dt_bias, conv bias: 4e-2 on an H200). ``--dot-precision ieee`` compiles the
+kernels with full-fp32 dots (``TRITON_F32_DEFAULT=ieee``, cuDNN's TF32 off): then the kernels' arithmetic
+itself is checked, tolerance 1e-4.
 
 ``--mamba2-init hf mamba_ssm`` fits Mamba2 with transformers' initialisation (what the paper trained) and
 with mamba-ssm's (``Mamba2DocConfig.init_scheme``: ``in_proj`` U(±1/√d) instead of N(0, 0.1), embeddings
@@ -47,7 +50,7 @@ from models.count import load_preset  # noqa: E402
 from models.registry import build_model  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 
-GRAD_TOL = 1e-2
+GRAD_TOL = {"tf32": 1e-2, "ieee": 1e-4}
 
 
 def build(name: str, args, device, init: str | None = None) -> torch.nn.Module:
@@ -128,12 +131,14 @@ def grad_check(name: str, args, device, init: str | None = None) -> dict:
         got = out[True][key]
         errors[key] = ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
     worst = sorted(errors.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else -math.inf)
-    print(f"{name} gradient check (fp32, Triton vs torch), worst 8 of {len(errors)}:", flush=True)
+    print(f"{name} gradient check (fp32, {args.dot_precision} dots, Triton vs torch), worst 8 of {len(errors)}:",
+          flush=True)
     for key, err in worst[:8]:
         print(f"  {key:55s} {err:.2e}", flush=True)
     del model
-    return {"preset": name, "rel_err": errors, "max_rel_err": max(errors.values()), "tol": GRAD_TOL,
-            "pass": all(math.isfinite(e) and e < GRAD_TOL for e in errors.values())}
+    tol = GRAD_TOL[args.dot_precision]
+    return {"preset": name, "rel_err": errors, "max_rel_err": max(errors.values()), "tol": tol,
+            "dot_precision": args.dot_precision, "pass": all(math.isfinite(e) and e < tol for e in errors.values())}
 
 
 def main(argv=None) -> int:
@@ -154,10 +159,15 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-batch", type=int, default=1, help="rows of the gradient check (the torch scan's "
                     "fp32 intermediates grow with it)")
     ap.add_argument("--no-fit", action="store_true", help="only the gradient check")
+    ap.add_argument("--dot-precision", choices=tuple(GRAD_TOL), default="tf32",
+                    help="the Triton kernels' fp32 dots in the gradient check (tf32: as in training)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.dot_precision == "ieee":  # read when a kernel compiles: set before the first one
+        os.environ["TRITON_F32_DEFAULT"] = "ieee"
+        torch.backends.cudnn.allow_tf32 = False
     if args.tiny:
         args.presets = [p.replace("_1b", "_tiny") for p in args.presets]
         args.batch, args.seq, args.device = 2, 64, args.device or "cpu"

@@ -34,6 +34,16 @@ def _wait_for_checkpoint(run_dir, step, procs, timeout=300):
     assert os.path.exists(marker), f"no step-{step} checkpoint"
 
 
+def _two_ranks_past_step_5(reference, run_dir, trainer):
+    """Two ranks of the reference run's job under ``trainer``, started in ``run_dir``, once step 5's checkpoint
+    exists: (reference run dir, run dir, overrides, rank processes)."""
+    ref_dir, data = reference
+    overrides = [*data, f"trainer={trainer}", *FP32_CPU]
+    ranks = h.start(run_dir, overrides, nproc=2, launch="ranks")
+    _wait_for_checkpoint(run_dir, 5, ranks)
+    return ref_dir, run_dir, overrides, ranks
+
+
 def _steps(run_dir):
     names = os.listdir(os.path.join(run_dir, "checkpoints"))
     return sorted(int(n.split("_")[1]) for n in names if n.startswith("step_") and not n.endswith(".tmp"))
@@ -77,11 +87,7 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes(reference, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_ranks_stops_both_after_a_checkpoint(reference, tmp_path):
-    ref_dir, data = reference
-    run_dir = tmp_path / "sigterm"
-    overrides = [*data, "trainer=ddp", *FP32_CPU]
-    ranks = h.start(run_dir, overrides, nproc=2, launch="ranks")
-    _wait_for_checkpoint(run_dir, 5, ranks)
+    ref_dir, run_dir, overrides, ranks = _two_ranks_past_step_5(reference, tmp_path / "sigterm", "ddp")
     ranks[1].send_signal(signal.SIGTERM)
     codes, output = h.finish(ranks)
     assert codes == [75, 75], output[-3000:]  # training/preemption.py: EXIT_REQUEUE
@@ -94,11 +100,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_after_a_checkpoint(reference, tm
 
 @pytest.mark.slow
 def test_sigkilled_fsdp2_run_resumes_from_its_sharded_checkpoint(reference, tmp_path):
-    ref_dir, data = reference
-    run_dir = tmp_path / "sigkill"
-    overrides = [*data, "trainer=fsdp2", *FP32_CPU]
-    ranks = h.start(run_dir, overrides, nproc=2, launch="ranks")
-    _wait_for_checkpoint(run_dir, 5, ranks)
+    ref_dir, run_dir, overrides, ranks = _two_ranks_past_step_5(reference, tmp_path / "sigkill", "fsdp2")
     for rank in ranks:
         os.killpg(rank.pid, signal.SIGKILL)
     codes, _ = h.finish(ranks)

@@ -18,13 +18,13 @@ Fields that are ours (plain transformers keeps them as unused attributes):
   to x, B, C, dt, the scan, the output projection; no conv, gate, norm or residual, and no final norm),
   the paper's † synthetic tasks (App. C.2). Bare models train and evaluate; they do not generate or export.
 * ``position_encoding``: None or ``"sinusoidal"`` (added to the embeddings; the paper's Keep-nth task).
-* ``init_scheme``: ``"hf"`` = transformers' initialisation (what the paper trained; the paper-size presets),
-  ``"mamba_ssm"`` = mamba-ssm's, the reference implementation's (the comparison presets ``*_tiny``,
-  ``*_125m``). They differ in three places, all by width: ``in_proj`` N(0, 0.1) vs ``nn.Linear``'s U(±1/√d)
-  (7.8× larger at d=2048), embeddings N(0, 0.1) vs N(0, 0.02), A = 1..num_heads vs U(1, 16). With
-  transformers' scales at d=2048, Adam's relative update of ``in_proj`` at a given LR is 7.8× smaller than
-  with mamba-ssm's, and the model fits a repeated batch several times slower than the others
-  (``benchmarks/probe_fit.py``, ``benchmarks/RESULTS.md``); at d=64 the two coincide.
+* ``init_scheme``: ``"hf"`` = transformers' initialisation (what the paper trained; the class default, so
+  exports and outside configs keep it), ``"mamba_ssm"`` = mamba-ssm's, the reference implementation's
+  (every LM preset in configs/model). They differ in three places, all by width: ``in_proj`` N(0, 0.1)
+  vs ``nn.Linear``'s U(±1/√d) (7.8× larger at d=2048), embeddings N(0, 0.1) vs N(0, 0.02), A =
+  1..num_heads vs U(1, 16). With transformers' scales at d=2048, Adam's relative update of ``in_proj`` at
+  a given LR is 7.8× smaller than with mamba-ssm's, and the model fits a repeated batch several times
+  slower than the others (``benchmarks/probe_fit.py``, ``benchmarks/RESULTS.md``); at d=64 they coincide.
 """
 from huggingface_hub.dataclasses import strict
 from transformers import Mamba2Config
