@@ -370,6 +370,9 @@ def train(job: JobConfig, command: str) -> int:
     precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     log.info(f"trainer  {accelerator.device.type}, {precision}, strategy "
              f"{t.strategy}, world size {world_size}, lr {job.lr:g} (warm-up {t.warmup_steps} steps, cosine)")
+    if job.lr_scale != 1.0:
+        log.info(f"lr       model.lr {job.model.lr:g} x {job.lr_scale:.3g}: sqrt of this batch's {tokens_per_step:,} "
+                 f"tokens over the {job.model.batch_tokens:,} it belongs to (trainer.lr_scaling=none: unscaled)")
     log.info(f"run_dir  {job.run_dir}" + (f" (resuming at step {state.step})" if latest else ""))
 
     # ---- The loop ----

@@ -6,6 +6,7 @@ the memory pre-flight and the no-progress detector.
 needed (tests/test_train.py runs the real command line).
 """
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -63,6 +64,31 @@ def test_lr_and_short_runs_override_the_default_config(caplog):
     assert job.trainer.warmup_steps == 5
     assert "trainer.warmup_steps=20 is longer than trainer.max_steps=5" in caplog.text
     assert train.load_job([]).lr == ModelConfig.from_dict(yaml.safe_load(open(CONFIGS / "model/paragru_tiny.yaml"))).lr
+
+
+def test_paper_preset_lr_follows_the_batch_by_the_square_root_rule(capsys, tmp_path):
+    """The paper-size presets name the batch their LR belongs to (``model.batch_tokens``); a smaller batch
+    scales ``model.lr`` by sqrt(tokens per step / batch_tokens) (``trainer.lr_scaling=sqrt``, the default);
+    ``trainer.lr`` and ``lr_scaling=none`` take the LR as given, a larger batch never scales it up, a preset
+    without batch_tokens is unchanged, and train.py's optimizer steps with the scaled LR (the logged LR of a
+    run against the same run unscaled). Mutation: ``lr_scale`` returning 1.0 -> fails."""
+    small = ["model=transformer_7b", "trainer.batch_size=16", "data.seq_len=2048"]
+    assert train.load_job(small).lr == pytest.approx(3e-3 * math.sqrt(16 * 2048 / (2048 * 2048)), rel=1e-12)
+    assert train.load_job([*small, "trainer.lr_scaling=none"]).lr == 3e-3
+    assert train.load_job([*small, "trainer.lr=1e-3"]).lr == 1e-3
+    assert train.load_job(["model=transformer_7b", "trainer.batch_size=4096", "data.seq_len=2048"]).lr == 3e-3
+    tiny = yaml.safe_load(open(CONFIGS / "model/transformer_tiny.yaml"))
+    assert "batch_tokens" not in tiny and train.load_job(["model=transformer_tiny"]).lr == tiny["lr"]
+
+    shrunk = ["model=transformer_7b", "model.config.hidden_size=32", "model.config.num_hidden_layers=1",
+              "model.config.num_attention_heads=2", "+model.config.intermediate_size=64", "trainer.batch_size=2",
+              "data.seq_len=64", "trainer.max_steps=1", "trainer.warmup_steps=1", "trainer.val_every=100"]
+    logged = {}
+    for scaling in ("sqrt", "none"):
+        code, err, run_dir = run_main(capsys, tmp_path / scaling, *shrunk, f"trainer.lr_scaling={scaling}")
+        assert code == 0, err
+        logged[scaling] = next(json.loads(line)["lr"] for line in open(run_dir / "metrics.jsonl") if '"lr"' in line)
+    assert logged["sqrt"] / logged["none"] == pytest.approx(math.sqrt(2 * 64 / (2048 * 2048)), rel=1e-6)
 
 
 def test_default_config_is_the_dataclass_defaults():

@@ -377,6 +377,9 @@ class ModelConfig(Config):
     """Peak learning rate of this model (the paper's sweep value for the paper's sizes); trainer.lr overrides it."""
     weight_decay: float
     """Decoupled AdamW weight decay of this model; trainer.weight_decay overrides it."""
+    batch_tokens: int | None = None
+    """Tokens per optimizer step that ``lr`` belongs to (the paper's batch for the paper's sizes); a smaller
+    batch scales lr down (trainer.lr_scaling). null: lr is used at any batch."""
     config: dict[str, Any] = field(default_factory=dict)
     """Hyperparameters of the architecture's HF config class (hidden_size, num_hidden_layers, ...),
     checked by models/registry.py. A key the preset does not set is added with +model.config.KEY=VALUE."""
@@ -387,6 +390,8 @@ class ModelConfig(Config):
             self.fail("lr", "the learning rate must be > 0")
         if self.weight_decay < 0:
             self.fail("weight_decay", "must be >= 0")
+        if self.batch_tokens is not None and self.batch_tokens <= 0:
+            self.fail("batch_tokens", "must be > 0 or null")
 
 
 @dataclass
@@ -570,7 +575,12 @@ class TrainerConfig(Config):
     warmup_steps: int = 20
     """Steps of linear warm-up; clamped to max_steps (with a warning) when longer."""
     lr: float | None = None
-    """Peak learning rate; null: the model preset's model.lr."""
+    """Peak learning rate, used as given; null: the model preset's model.lr, scaled by lr_scaling."""
+    lr_scaling: Literal["sqrt", "none"] = "sqrt"
+    """How model.lr follows a batch smaller than the preset's model.batch_tokens. sqrt: x sqrt(tokens per step
+    / batch_tokens), Adam's square-root rule (Malladi et al. 2022): transformer_7b at 1/128 of the paper's
+    batch rose from 11.4 to 13.2 over its first 5 steps with the paper's LR and fell steadily with the scaled
+    one (benchmarks/RESULTS.md). none: model.lr as is. Never scales up."""
     min_lr_ratio: float = 0.0
     """End of the cosine decay, as a fraction of the peak learning rate."""
     weight_decay: float | None = None
@@ -703,7 +713,14 @@ class JobConfig(Config):
 
     @property
     def lr(self) -> float:
-        return self.trainer.lr if self.trainer.lr is not None else self.model.lr
+        return self.trainer.lr if self.trainer.lr is not None else self.model.lr * self.lr_scale
+
+    @property
+    def lr_scale(self) -> float:
+        """The factor trainer.lr_scaling applies to model.lr at this run's batch (1.0: none)."""
+        if self.trainer.lr is not None or self.trainer.lr_scaling == "none" or self.model.batch_tokens is None:
+            return 1.0
+        return min(1.0, math.sqrt(self.trainer.batch_size * self.data.seq_len / self.model.batch_tokens))
 
     @property
     def weight_decay(self) -> float:
