@@ -132,3 +132,40 @@ def test_compiled_training_matches_eager_and_learns(tmp_path, preset):
     assert compiled[-1] < compiled[0] - 0.1, compiled
     with open(tmp_path / "compiled" / "train.log") as f:
         assert "compile  2 decoder blocks" in f.read()
+
+
+def test_profiler_buckets_of_cuda_kernel_names():
+    """``bench_step --profile``'s bucketing on the kernel names an H200 profile holds (cuBLAS / nvjet / cutlass
+    GEMMs, SDPA's cutlass and flash kernels, our Triton cell and SSD kernels, Inductor's fused kernels, fused
+    AdamW) and by the op they were launched from (the loss range, the ParaRNN custom op). The CPU paths run
+    in ``bench_step.py --tiny --profile``. Mutation: the GEMM rule before the mixer-kernel rule -> the cutlass
+    attention kernel counts as a GEMM -> fails; the loss range after the GEMM rule -> the head GEMM -> fails."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_step import bucket
+
+    cases = {
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", ()): "gemm",
+        ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTN", ()): "gemm",
+        ("cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x1_tn_align8", ()): "gemm",
+        ("ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn", ("aten::mm",)): "gemm",
+        ("triton_tem_fused_mm_0", ()): "gemm",
+        ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", ("aten::_efficient_attention_forward",)): "mixer",
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", ()): "mixer",
+        ("gru_newton_fwd_kernel", ("pararnn::forward",)): "mixer",
+        ("lstm_sweep_bwd_kernel", ()): "mixer",
+        ("_chunk_scan_bwd_dx_kernel", ()): "mixer",
+        ("_state_passing_fwd_kernel", ()): "mixer",
+        ("triton_poi_fused_add_mul_sum_0", ("pararnn::backward",)): "mixer",  # the op's own glue
+        ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", ("CompiledFunction",)): "norm_elementwise",
+        ("triton_red_fused__to_copy_mul_silu_sum_3", ()): "norm_elementwise",
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", ()):
+            "norm_elementwise",
+        ("Memcpy DtoD (Device -> Device)", ()): "norm_elementwise",
+        ("nvjet_tst_128x256_64x4_2x1_v_bz_TNN", ("aten::mm", "lm_loss")): "loss",
+        ("triton_red_fused__log_softmax_exp_1", ("## Call CompiledFxGraph x ##", "lm_loss")): "loss",
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
+         ("Optimizer.step#AdamW.step",)): "optimizer",
+        ("ncclDevKernel_AllGather_RING_LL", ()): "other",
+    }
+    for (name, parents), want in cases.items():
+        assert bucket(name, list(parents)) == want, (name, parents, bucket(name, list(parents)))
