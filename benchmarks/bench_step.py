@@ -2,7 +2,8 @@
 ``trainer.compile``, on one device; ends by itself within ``--budget`` seconds.
 
     python benchmarks/bench_step.py --out benchmarks/results/step_1b          # the 1B presets, one H200
-    python benchmarks/bench_step.py --tiny --out /tmp/bench_step              # CPU smoke run, tiny presets
+    python benchmarks/bench_step.py --profile compile --out benchmarks/results/step_1b   # + kernel time by kind
+    python benchmarks/bench_step.py --tiny --profile --out /tmp/bench_step    # CPU smoke run, tiny presets
 
 The step is train.py's (``train_step``'s work without accelerate): bf16 autocast over fp32 weights on CUDA,
 the fused chunked linear + cross-entropy + z-loss (``training.loss.LMObjective``), fused AdamW, and for
@@ -18,10 +19,11 @@ hang is recorded as that row's error and the next row starts on a clean device; 
 cannot fit are recorded as skipped. One JSON line per row as it finishes, the table last; ``--out DIR``
 gets ``bench_step.json`` and the tables as ``bench_step.md``.
 
-``--profile``: after the timed steps, ``--profile-steps`` more under ``torch.profiler``, their device time
+``--profile [MODE ...]``: after the timed steps, ``--profile-steps`` more under ``torch.profiler``, their device time
 (kernel time on CUDA; the ops' own CPU time on the CPU) bucketed by :func:`bucket` into GEMMs, the mixer
 (ParaRNN cell / attention / SSD), norms and elementwise, loss, optimizer and other, per step; a second
-table. Rows measured with the profiler off: it does not touch step time or peak memory.
+table (rows of the modes named, every row if none). Steps and peak memory are measured before the profiler
+starts.
 """
 import argparse
 import json
@@ -158,7 +160,7 @@ def run_row(args) -> dict:
         if i >= args.warmup:
             times.append(elapsed)
     profile = None
-    if args.profile:
+    if args.profile is not None:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
 
@@ -190,7 +192,7 @@ def spawn(args, preset: str, mode: str, timeout: float) -> dict:
            str(args.warmup), "--doc-len", str(args.doc_len), "--device", args.device, "--layers", str(args.layers)]
     if args.peak_tflops:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
-    if args.profile:
+    if args.profile is not None and (not args.profile or mode in args.profile):
         cmd += ["--profile", "--profile-steps", str(args.profile_steps)]
     row = {"preset": preset, "mode": mode}
     # Triton's autotuning results on disk: the compiled row of a preset reuses what its eager row measured
@@ -253,7 +255,8 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="default: from the GPU's name")
     parser.add_argument("--row-timeout", type=float, default=120, help="seconds per row at most")
     parser.add_argument("--budget", type=float, default=390, help="seconds for all rows together")
-    parser.add_argument("--profile", action="store_true", help="also a profiler breakdown of each row")
+    parser.add_argument("--profile", nargs="*", choices=MODES, default=None,
+                        help="also a profiler breakdown of the rows of these modes (none named: every row)")
     parser.add_argument("--profile-steps", type=int, default=2, help="steps under the profiler (after the timed ones)")
     parser.add_argument("--out", default=None, help="directory for bench_step.json and bench_step.md")
     parser.add_argument("--row-preset", help=argparse.SUPPRESS)  # internal: run one row in this process
