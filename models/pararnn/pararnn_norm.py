@@ -1,15 +1,16 @@
-"""Gated RMSNorm with a backward that recomputes: the ParaRNN block's output norm and Mamba2's mixer norm.
+"""Activation memory of the ParaRNN block (and Mamba2's mixer): what the backward recomputes instead of keeping.
 
-::
+* :func:`gated_rms_norm`, a gated RMSNorm whose backward recomputes::
 
-    gated_rms_norm(x, g, w, eps, norm_before_gate=True)  = RMSNorm(x) · w · SiLU(g)     # ParaRNN (RNNBlock)
-    gated_rms_norm(x, g, w, eps, norm_before_gate=False) = RMSNorm(x · SiLU(g)) · w     # Mamba2 (HF's gated norm)
+      gated_rms_norm(x, g, w, eps, norm_before_gate=True)  = RMSNorm(x) · w · SiLU(g)   # ParaRNN (RNNBlock)
+      gated_rms_norm(x, g, w, eps, norm_before_gate=False) = RMSNorm(x · SiLU(g)) · w   # Mamba2 (HF's)
 
-In fp32 inside (fp64 for fp64), returned in x's dtype (bf16 under autocast). Autograd through the plain torch expression
-keeps the fp32 upcasts of ``x`` and ``g`` and the normalised activations for the backward, 8–16 bytes per
-channel and token in fp32 (at Mamba2-1B's inner width, 48 layers, B8·T2048: tens of GiB); this Function
-keeps only its inputs (already kept by their producers: the cell's trajectory, the input projection's
-output) and the per-token ``1/rms``, and redoes the elementwise work in the backward.
+  In fp32 inside (fp64 for fp64), returned in x's dtype (bf16 under autocast). Autograd through the plain
+  torch expression keeps the fp32 upcasts of ``x`` and ``g`` and the normalised activations, 8–16 bytes per
+  channel and token (at Mamba2-1B's inner width, 48 layers, B8·T2048: tens of GiB); this Function keeps its
+  inputs (kept by their producers anyway) and the per-token ``1/rms``.
+* :func:`recompute_elementwise`: selective activation checkpointing of a region that keeps only its GEMMs'
+  outputs (the norms, conv, SiLU and gating between them are redone in the backward).
 """
 from functools import partial
 
@@ -61,7 +62,6 @@ class GatedRMSNorm(torch.autograd.Function):
 def gated_rms_norm(x: Tensor, g: Tensor, weight: Tensor, eps: float, norm_before_gate: bool = True) -> Tensor:
     """See the module docstring: ``x, g [..., d]``, ``weight [d]``; the result in x's dtype."""
     return GatedRMSNorm.apply(x, g, weight, eps, norm_before_gate)
-
 
 
 _GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
