@@ -2,7 +2,8 @@
 ``trainer.compile``, on one device; ends by itself within ``--budget`` seconds.
 
     python benchmarks/bench_step.py --out benchmarks/results/step_1b          # the 1B presets, one H200
-    python benchmarks/bench_step.py --tiny --out /tmp/bench_step              # CPU smoke run, tiny presets
+    python benchmarks/bench_step.py --profile compile --out benchmarks/results/step_1b   # + kernel time by kind
+    python benchmarks/bench_step.py --tiny --profile --out /tmp/bench_step    # CPU smoke run, tiny presets
 
 The step is train.py's (``train_step``'s work without accelerate): bf16 autocast over fp32 weights on CUDA,
 the fused chunked linear + cross-entropy + z-loss (``training.loss.LMObjective``), fused AdamW, and for
@@ -16,11 +17,18 @@ Robust by construction: each row (preset × mode) runs in its own process with a
 (``--row-timeout``, and never past the overall ``--budget``), so an out-of-memory, a compile error or a
 hang is recorded as that row's error and the next row starts on a clean device; rows that the budget
 cannot fit are recorded as skipped. One JSON line per row as it finishes, the table last; ``--out DIR``
-gets ``bench_step.json``.
+gets ``bench_step.json`` and the tables as ``bench_step.md``.
+
+``--profile [MODE ...]``: after the timed steps, ``--profile-steps`` more under ``torch.profiler``, their device time
+(kernel time on CUDA; the ops' own CPU time on the CPU) bucketed by :func:`bucket` into GEMMs, the mixer
+(ParaRNN cell / attention / SSD), norms and elementwise, loss, optimizer and other, per step; a second
+table (rows of the modes named, every row if none). Steps and peak memory are measured before the profiler
+starts.
 """
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -32,6 +40,64 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS_1B = ["transformer_1b", "paragru_1b", "paralstm_1b", "mamba2_1b"]
 PRESETS_TINY = ["transformer_tiny", "paragru_tiny", "paralstm_tiny", "mamba2_tiny"]
 MODES = ("eager", "compile")
+BUCKETS = ("gemm", "mixer", "norm_elementwise", "loss", "optimizer", "other")
+# bucket()'s rules, first match wins. A kernel is matched by its name, then by the CPU ops it was launched
+# from (innermost first). Loss and optimizer by their ranges: the loss's head GEMMs count as loss.
+_OPTIMIZER = re.compile(r"Optimizer\.(step|zero_grad)|multi_tensor_apply|fused_adam", re.I)
+_LOSS = re.compile(r"lm_loss|LinearCrossEntropy")  # LMObjective's record_function range, its backward node
+# Mixer kernels before GEMMs: cutlass attention kernels (fmha_cutlass*, cudnn sdpa sm90) match both.
+_MIXER_KERNEL = re.compile(r"flash|fmha|attention|sdpa|(gru|lstm)_(newton|sweep)_|chunk_scan|chunk_state|"
+                           r"state_passing|bmm_chunk|chunk_cumsum", re.I)
+_GEMM = re.compile(r"gemm|sm90|cutlass|cublas|ampere|nvjet|triton_tem|^aten::(mm|addmm|bmm|baddbmm|_scaled_mm)$", re.I)
+# The ops that hold a mixer's elementwise work: the ParaRNN op (eager Function, compiled custom ops), SSD.
+# Mamba2's torch SSD (the CPU's) has no op of its own: there its work counts as elementwise.
+_MIXER_OP = re.compile(r"^ParaRNNFunction|^pararnn::|^MambaChunkScanCombinedFn|^mamba2_ssd::|scaled_dot_product")
+_ELEMENTWISE = re.compile(r"triton_(poi|red|per)|elementwise|vectorized|reduce|norm|copy|cat|fill|memset|"
+                          r"memcpy|^aten::", re.I)
+
+
+def bucket(name: str, parents: list[str]) -> str:
+    """The category of a kernel (or CPU op) ``name`` launched from the CPU ops ``parents`` (innermost first)."""
+    if any(_OPTIMIZER.search(n) for n in (name, *parents)):
+        return "optimizer"
+    if any(_LOSS.search(n) for n in (name, *parents)):
+        return "loss"
+    if _MIXER_KERNEL.search(name):
+        return "mixer"
+    if _GEMM.search(name):
+        return "gemm"
+    if any(_MIXER_OP.search(n) for n in (name, *parents)):
+        return "mixer"
+    if _ELEMENTWISE.search(name):
+        return "norm_elementwise"
+    return "other"
+
+
+def breakdown(events, steps: int) -> dict:
+    """Milliseconds per step by bucket from ``prof.events()``: device kernels on CUDA (each with the CPU op
+    that launched it and that op's parents), else every CPU op's own time; plus the largest names of
+    ``other`` (to see what the rules miss)."""
+    from torch.autograd import DeviceType
+
+    by_id = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    items = []
+    for e in kernels or [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]:
+        parents, op = [], by_id.get(e.linked_correlation_id) if kernels else e.cpu_parent
+        while op is not None:
+            parents.append(op.name)
+            op = op.cpu_parent
+        us = (e.time_range.end - e.time_range.start) if kernels else e.self_cpu_time_total
+        items.append((e.name, parents, us))
+    ms = dict.fromkeys(BUCKETS, 0.0)
+    other: dict[str, float] = {}
+    for name, parents, us in items:
+        b = bucket(name, parents)
+        ms[b] += us / 1e3 / steps
+        if b == "other":
+            other[name] = other.get(name, 0.0) + us / 1e3 / steps
+    top = dict(sorted(other.items(), key=lambda kv: -kv[1])[:8])
+    return {"ms": ms, "total_ms": sum(ms.values()), "device": "cuda" if kernels else "cpu", "other_top": top}
 
 
 def run_row(args) -> dict:
@@ -93,6 +159,18 @@ def run_row(args) -> dict:
             first_s = time.perf_counter() - t0
         if i >= args.warmup:
             times.append(elapsed)
+    profile = None
+    if args.profile is not None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profiler(activities=activities) as prof:
+            for _ in range(args.profile_steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        profile = breakdown(prof.events(), args.profile_steps)
     step_s = statistics.median(times)
     tokens_per_s = args.batch * args.seq / step_s
     flops = flops_per_token(arch, model.config, params, mean_context(batch["position_ids"]))
@@ -103,7 +181,8 @@ def run_row(args) -> dict:
             "mfu_6N": flops["6N"] * tokens_per_s / peak if peak else None,
             "mfu_model": flops["model"] * tokens_per_s / peak if peak else None,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None, "loss": float(ce),
-            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__}
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+            "profile": profile}
 
 
 def spawn(args, preset: str, mode: str, timeout: float) -> dict:
@@ -113,6 +192,8 @@ def spawn(args, preset: str, mode: str, timeout: float) -> dict:
            str(args.warmup), "--doc-len", str(args.doc_len), "--device", args.device, "--layers", str(args.layers)]
     if args.peak_tflops:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
+    if args.profile is not None and (not args.profile or mode in args.profile):
+        cmd += ["--profile", "--profile-steps", str(args.profile_steps)]
     row = {"preset": preset, "mode": mode}
     # Triton's autotuning results on disk: the compiled row of a preset reuses what its eager row measured
     env = {"TRITON_CACHE_AUTOTUNING": "1", **os.environ}
@@ -133,18 +214,30 @@ def spawn(args, preset: str, mode: str, timeout: float) -> dict:
     return {**row, "error": reason}
 
 
-def print_table(rows: list[dict]) -> None:
-    print("\n| preset | mode | layers | B×T | step ms | tokens/s | MFU 6N | MFU model | peak GiB | first step s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+def tables(rows: list[dict]) -> str:
+    """The step table, and the profiler's breakdown of the rows that have one (ms per step, share)."""
+    lines = ["| preset | mode | layers | B×T | step ms | tokens/s | MFU 6N | MFU model | peak GiB | first step s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"  # noqa: E731
     for r in rows:
         if "error" in r:
-            print(f"| {r['preset']} | {r['mode']} | | | {r['error']} | | | | | |")
+            lines.append(f"| {r['preset']} | {r['mode']} | | | {r['error']} | | | | | |")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        print(f"| {r['preset']} | {r['mode']} | {r['layers']} | {r['batch']}×{r['seq']} | {r['step_ms']:.1f} | "
-              f"{r['tokens_per_s']:,.0f} | {pct(r['mfu_6N'])} | {pct(r['mfu_model'])} | {peak} | "
-              f"{r['first_step_s']:.1f} |")
+        lines.append(f"| {r['preset']} | {r['mode']} | {r['layers']} | {r['batch']}×{r['seq']} | {r['step_ms']:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {pct(r['mfu_6N'])} | {pct(r['mfu_model'])} | {peak} | "
+                     f"{r['first_step_s']:.1f} |")
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines += ["", "Profiler: " + ("kernel" if profiled[0]["profile"]["device"] == "cuda" else "CPU op")
+                  + " time per step, ms (share); mixer = ParaRNN cell / attention / SSD; loss includes the head GEMMs",
+                  "", "| preset | mode | " + " | ".join(BUCKETS) + " | total |",
+                  "|---|---|" + "---|" * (len(BUCKETS) + 1)]
+        for r in profiled:
+            p = r["profile"]
+            cells = [f"{p['ms'][b]:.1f} ({100 * p['ms'][b] / max(p['total_ms'], 1e-9):.0f}%)" for b in BUCKETS]
+            lines.append(f"| {r['preset']} | {r['mode']} | " + " | ".join(cells) + f" | {p['total_ms']:.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -162,7 +255,10 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="default: from the GPU's name")
     parser.add_argument("--row-timeout", type=float, default=120, help="seconds per row at most")
     parser.add_argument("--budget", type=float, default=390, help="seconds for all rows together")
-    parser.add_argument("--out", default=None, help="directory for bench_step.json")
+    parser.add_argument("--profile", nargs="*", choices=MODES, default=None,
+                        help="also a profiler breakdown of the rows of these modes (none named: every row)")
+    parser.add_argument("--profile-steps", type=int, default=2, help="steps under the profiler (after the timed ones)")
+    parser.add_argument("--out", default=None, help="directory for bench_step.json and bench_step.md")
     parser.add_argument("--row-preset", help=argparse.SUPPRESS)  # internal: run one row in this process
     parser.add_argument("--row-mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -185,11 +281,14 @@ def main() -> int:
             else:
                 rows.append(spawn(args, preset, mode, min(args.row_timeout, left)))
             print(json.dumps(rows[-1]), flush=True)
-    print_table(rows)
+    table = tables(rows)
+    print("\n" + table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_step.json"), "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        with open(os.path.join(args.out, "bench_step.md"), "w") as f:
+            f.write(table + "\n")
     return 0
 
 

@@ -3,23 +3,27 @@
     python benchmarks/profile_memory.py --presets paragru_1b mamba2_1b --width 256 --out /tmp/mem
 
 Builds each preset at a reduced width (``--width``; every other size of the block scales with it), runs
-one forward under bf16 autocast (as on the GPU) and counts the bytes of every tensor autograd saves for
-the backward (``torch.autograd.graph.saved_tensors_hooks``; a storage saved twice counts once; tensors
-with a token axis only: autocast's bf16 copies of the weights are per layer, not per token), by the
-module that saved it (eager) and in total per block (eager, and compiled: per-block ``torch.compile``
-with the min-cut partitioner Inductor uses, ``aot_eager_decomp_partition``, so no kernels are generated).
+one forward under bf16 autocast (as on the GPU) and counts, per block, the bytes of the tensors with a
+token axis (autocast's bf16 copies of the weights are per layer, not per token; a storage counts once)
+that the forward leaves for the backward. Eager: every per-token storage still alive after the forward
+(a ``TorchDispatchMode`` sees each op's outputs; alive = referenced from elsewhere than here), which counts
+what selective activation checkpointing keeps outside autograd's saved tensors too. Compiled: what the
+compiled blocks save (``torch.autograd.graph.saved_tensors_hooks``; per-block ``torch.compile`` with the
+min-cut partitioner Inductor uses, ``aot_eager_decomp_partition``, so no kernels are generated).
 Mamba2 runs its Triton SSD (``TRITON_INTERPRET=1`` on the CPU), the GPU's path.
 Bytes are per token and per unit of width (``bytes / (tokens · d)``), so they hold at any size: at 1B
 (d = 2048, B8·T2048 = 16384 tokens) multiply by 16384 · 2048 · layers. Prints a table, writes JSON.
 """
 import argparse
+import gc
 import json
 import os
 import sys
-from collections import defaultdict
 
 import torch
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,41 +32,53 @@ from models.registry import build_model  # noqa: E402
 from training.distributed import decoder_blocks  # noqa: E402
 
 
-def saved_bytes(model, ids, pos, by_module: bool) -> tuple[int, dict]:
-    """Bytes saved for the backward over one forward (unique storages), and by module (eager only)."""
-    seen, total, where = set(), [0], defaultdict(int)
-    stack = ["(model)"]
-    names = {m: n for n, m in model.named_modules()}
+def _per_token(t: torch.Tensor, tokens: int) -> bool:
+    """An activation: a tensor with a token axis (weights cast by autocast are per layer, not per token)."""
+    return t.dim() >= 2 and tokens in (t.shape[0], t.shape[1], t.shape[0] * t.shape[1])
 
-    tokens = ids.numel()
+
+def saved_bytes(model, ids, pos) -> int:
+    """Bytes the compiled blocks save for the backward over one forward (unique storages)."""
+    seen, total = set(), [0]
 
     def pack(t):
         key = (t.untyped_storage().data_ptr(), t.dtype)
-        # activations only: a tensor with a token axis (weights cast by autocast are per layer, not per token)
-        per_token = t.dim() >= 2 and tokens in (t.shape[0], t.shape[1], t.shape[0] * t.shape[1])
-        if key not in seen and per_token:
+        if key not in seen and _per_token(t, ids.numel()):
             seen.add(key)
-            size = t.untyped_storage().nbytes()
-            total[0] += size
-            where[stack[-1]] += size
+            total[0] += t.untyped_storage().nbytes()
         return t
 
-    def enter(module, _args) -> None:
-        stack.append(names[module])
-
-    def leave(_module, _args, _out) -> None:
-        stack.pop()
-
-    handles = []
-    if by_module:
-        for module in model.modules():
-            if not list(module.children()):  # leaves: the op's owner
-                handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=ids, position_ids=pos)
-    for h in handles:
-        h.remove()
-    return total[0], dict(where)
+    return total[0]
+
+
+class _Storages(TorchDispatchMode):
+    """Every per-token storage an op makes (held here, so that one still alive elsewhere can be told apart)."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.tokens, self.storages = tokens, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and _per_token(t, self.tokens):
+                self.storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+        return out
+
+
+def retained_bytes(model, ids, pos) -> int:
+    """Bytes of the per-token storages still alive after one eager forward, its output kept: what the
+    forward leaves for the backward, saved tensors and selective checkpointing's kept GEMM outputs alike."""
+    mode = _Storages(ids.numel())
+    with mode, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, position_ids=pos)
+    gc.collect()
+    # use count 1: only the reference held here is left
+    alive = sum(st.nbytes() for st in mode.storages.values() if torch._C._storage_Use_Count(st._cdata) > 1)
+    del out
+    return alive
 
 
 def build(preset: str, width: int, layers: int):
@@ -93,14 +109,10 @@ def profile(preset: str, width: int, batch: int, seq: int) -> dict:
             if mode == "compiled":
                 for block in decoder_blocks(model):
                     block.compile(fullgraph=True, backend="aot_eager_decomp_partition")
-            size, where = saved_bytes(model, ids, pos, by_module=mode == "eager" and layers == 3)
-            sizes.append(size)
+                sizes.append(saved_bytes(model, ids, pos))
+            else:
+                sizes.append(retained_bytes(model, ids, pos))
             torch._dynamo.reset()
-            if where:
-                per_module = defaultdict(float)
-                for name, nbytes in where.items():  # the same module of every layer together
-                    per_module[".".join(p for p in name.split(".") if not p.isdigit())] += nbytes / scale / 3
-                out["eager_by_module"] = dict(sorted(per_module.items(), key=lambda kv: -kv[1]))
         out[mode] = (sizes[1] - sizes[0]) / 2 / scale
     out["arch"] = arch
     return out
@@ -117,14 +129,13 @@ def main() -> None:
     rows = [profile(p, args.width, args.batch, args.seq) for p in args.presets]
     print("\nbytes saved for the backward per token and unit of width, per block (bf16 autocast; x 16384 · 2048 · "
           "layers for GiB at 1B, B8·T2048)\n")
-    print("| preset | eager | compiled | GiB at 1B B8·T2048, eager / compiled | largest eager savers |")
-    print("|---|---|---|---|---|")
+    print("| preset | eager | compiled | GiB at 1B B8·T2048, eager / compiled |")
+    print("|---|---|---|---|")
     for r in rows:
         layers = {"mamba2": 48}.get(r["arch"], 24)
         gib = lambda v: v * 16384 * 2048 * layers / 2**30  # noqa: E731
-        top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["eager_by_module"].items())[:4])
         print(f"| {r['preset']} | {r['eager']:.1f} | {r['compiled']:.1f} | {gib(r['eager']):.1f} / "
-              f"{gib(r['compiled']):.1f} | {top} |")
+              f"{gib(r['compiled']):.1f} |")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "profile_memory.json"), "w") as f:

@@ -132,3 +132,130 @@ def test_compiled_training_matches_eager_and_learns(tmp_path, preset):
     assert compiled[-1] < compiled[0] - 0.1, compiled
     with open(tmp_path / "compiled" / "train.log") as f:
         assert "compile  2 decoder blocks" in f.read()
+
+
+def test_profiler_buckets_of_cuda_kernel_names():
+    """``bench_step --profile``'s bucketing on the kernel names an H200 profile holds (cuBLAS / nvjet / cutlass
+    GEMMs, SDPA's cutlass and flash kernels, our Triton cell and SSD kernels, Inductor's fused kernels, fused
+    AdamW) and by the op they were launched from (the loss range, the ParaRNN custom op). The CPU paths run
+    in ``bench_step.py --tiny --profile``. Mutation: the GEMM rule before the mixer-kernel rule -> the cutlass
+    attention kernel counts as a GEMM -> fails; the loss range after the GEMM rule -> the head GEMM -> fails."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_step import bucket
+
+    cases = {
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", ()): "gemm",
+        ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTN", ()): "gemm",
+        ("cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x1_tn_align8", ()): "gemm",
+        ("ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn", ("aten::mm",)): "gemm",
+        ("triton_tem_fused_mm_0", ()): "gemm",
+        ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", ("aten::_efficient_attention_forward",)): "mixer",
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", ()): "mixer",
+        ("gru_newton_fwd_kernel", ("pararnn::forward",)): "mixer",
+        ("lstm_sweep_bwd_kernel", ()): "mixer",
+        ("_chunk_scan_bwd_dx_kernel", ()): "mixer",
+        ("_state_passing_fwd_kernel", ()): "mixer",
+        ("triton_poi_fused_add_mul_sum_0", ("pararnn::backward",)): "mixer",  # the op's own glue
+        ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", ("CompiledFunction",)): "norm_elementwise",
+        ("triton_red_fused__to_copy_mul_silu_sum_3", ()): "norm_elementwise",
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", ()):
+            "norm_elementwise",
+        ("Memcpy DtoD (Device -> Device)", ()): "norm_elementwise",
+        ("nvjet_tst_128x256_64x4_2x1_v_bz_TNN", ("aten::mm", "lm_loss")): "loss",
+        ("triton_red_fused__log_softmax_exp_1", ("## Call CompiledFxGraph x ##", "lm_loss")): "loss",
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
+         ("Optimizer.step#AdamW.step",)): "optimizer",
+        ("ncclDevKernel_AllGather_RING_LL", ()): "other",
+    }
+    for (name, parents), want in cases.items():
+        assert bucket(name, list(parents)) == want, (name, parents, bucket(name, list(parents)))
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_gated_rms_norm_matches_autograd_of_the_torch_expression(norm_before_gate):
+    """``gated_rms_norm`` (the ParaRNN block's output norm and Mamba2's mixer norm, with a hand-written backward
+    that recomputes) against autograd through the plain expression in float64 (``nn.RMSNorm`` for the ParaRNN
+    order, HF's ``MambaRMSNormGated`` for Mamba2's): value and the gradients of x, gate and weight, in fp32 to
+    1e-5; and in bf16 the output stays bf16 and within bf16 rounding of the reference. Mutation: SiLU' without
+    the ``g·(1 − σ)`` term -> fails (dg); the mean-projection term of dx dropped (ParaRNN order) -> fails (dx)."""
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+    from models.pararnn.pararnn_norm import gated_rms_norm
+
+    torch.manual_seed(0)
+    x, g = torch.randn(2, 5, 24), torch.randn(2, 5, 24) * 2
+    w = 1 + 0.3 * torch.randn(24)
+    eps = 1e-5
+
+    def reference(x, g, w):
+        if norm_before_gate:
+            return F.rms_norm(x, (24,), w, eps) * F.silu(g)
+        return torch.func.functional_call(MambaRMSNormGated(24, eps).double(), {"weight": w}, (x, g))
+
+    leaves = [t.double().requires_grad_() for t in (x, g, w)]
+    ref = reference(*leaves)
+    upstream = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, leaves, upstream)
+    ours_in = [t.clone().requires_grad_() for t in (x, g, w)]
+    out = gated_rms_norm(*ours_in, eps, norm_before_gate=norm_before_gate)
+    grads = torch.autograd.grad(out, ours_in, upstream.float())
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    for name, a, b in zip(("x", "gate", "weight"), grads, ref_grads):
+        assert torch.allclose(a.double(), b, atol=1e-5, rtol=1e-5), f"d{name}: {(a.double() - b).abs().max():.3g}"
+    low = gated_rms_norm(x.bfloat16(), g.bfloat16(), w, eps, norm_before_gate=norm_before_gate)
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.double(), ref, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("preset", ["paragru_tiny", "paralstm_tiny"])
+def test_pararnn_flops_match_flop_counter(preset):
+    """The ParaRNN model FLOPs per token (training/flops.py) against FlopCounterMode over one forward + backward
+    of the torch path, which sees the GEMMs only. Less the backward's recomputation of the cell's input
+    projection (``save_projection = False``: ``2·d·3d/heads`` per token and layer, which MFU does not count),
+    the counted FLOPs equal ours to 0.5% at d = 1024 (measured: 0.31% GRU, 0.44% LSTM below ours, which is what
+    the counter leaves out: the cell and conv terms, elementwise, and the norm, conv and cell parameters that
+    6·N counts as if multiplied). Mutation: the input
+    embedding left in ``matmul`` -> fails (+14%); the recomputation not subtracted (P saved) -> fails (2%)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = OmegaConf.load(os.path.join(ROOT, "configs", "model", f"{preset}.yaml"))
+    config = {**OmegaConf.to_container(cfg.config), "hidden_size": 1024, "num_hidden_layers": 2, "num_heads": 4,
+              "mode": "parallel"}
+    torch.manual_seed(0)
+    model = build_model(cfg.arch, config, 4096)
+    B, T = 1, 64
+    ids = torch.randint(0, 4096, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, position_ids=torch.arange(T).repeat(B, 1)).logits.float().sum().backward()
+    counted = counter.get_total_flops() / (B * T)
+    d, layers = model.config.hidden_size, model.config.num_hidden_layers
+    params = sum(p.numel() for p in model.parameters())
+    ours = flops_per_token("pararnn", model.config, params, mean_context=T)["model"]
+    recompute = layers * 2 * d * 3 * d / model.config.num_heads
+    assert counted - recompute == pytest.approx(ours, rel=5e-3)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_pararnn_recomputation_leaves_gradients_unchanged(cell, monkeypatch):
+    """The ParaRNN LM with its backward recomputations (selective checkpointing of the elementwise glue,
+    the cell's projection P redone) against the same model keeping everything (plain autograd, P saved), in
+    float64 on packed documents: logits and every parameter gradient to 1e-10. Mutation: recompute_elementwise
+    passing its tensor arguments detached (no gradient back through a region's input) -> fails."""
+    from models.pararnn import modeling_pararnn
+
+    def run(model):
+        ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+        pos = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)
+        logits = model(input_ids=ids, position_ids=pos).logits
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=logits.dtype)
+        return logits, torch.autograd.grad((logits * weights).sum(), list(model.parameters()))
+
+    model = tiny_model(f"para{cell}_tiny", hidden_size=32, num_hidden_layers=2, mode="parallel").double()
+    logits, grads = run(model)
+    monkeypatch.setattr(modeling_pararnn, "recompute_elementwise", lambda fn, *args: fn(*args))
+    for c in model.cells():
+        c.save_projection = True
+    ref_logits, ref_grads = run(model)
+    assert torch.allclose(logits, ref_logits, rtol=1e-10, atol=1e-12)
+    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name

@@ -43,6 +43,7 @@ from transformers.models.mamba2.modeling_mamba2 import (
 )
 
 from ..pararnn.modeling_pararnn import sinusoidal_positions
+from ..pararnn.pararnn_norm import gated_rms_norm
 from .configuration_mamba2 import Mamba2DocConfig
 from .ssd_torch import causal_conv1d, seq_idx_from_position_ids, ssd_chunked
 
@@ -65,10 +66,13 @@ class Mamba2DocMixer(Mamba2Mixer):
             return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
 
         batch, length, _ = hidden_states.shape
-        dtype = hidden_states.dtype
         groups_state = self.n_groups * self.ssm_state_size
-        gate, xBC, dt = self.in_proj(hidden_states).split(
-            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        projected = self.in_proj(hidden_states)
+        # The activations' dtype is the projection's (bf16 under autocast, as mamba-ssm's mixer under AMP),
+        # not the block input's (fp32 behind HF's norm with fp32 weights): fp32 x, B, C would double the
+        # SSD's reads and saved tensors and run its dots in tf32.
+        dtype = projected.dtype
+        gate, xBC, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         # As HF: conv and activation in the conv weight's dtype, result back in the activations' dtype.
         xBC = self.act(causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx)).to(dtype)
         x, B, C = xBC.split([self.intermediate_size, groups_state, groups_state], dim=-1)
@@ -76,7 +80,10 @@ class Mamba2DocMixer(Mamba2Mixer):
         B = B.reshape(batch, length, self.n_groups, self.ssm_state_size)
         C = C.reshape(batch, length, self.n_groups, self.ssm_state_size)
         y = _scan(self, x, dt, B, C, seq_idx)
-        y = self.norm(y.reshape(batch, length, -1), gate)  # gated RMSNorm over the whole inner width
+        # HF's gated RMSNorm (self.norm: gate before the norm, over the whole inner width), recomputed in the
+        # backward instead of keeping its fp32 intermediates
+        y = gated_rms_norm(y.reshape(batch, length, -1), gate, self.norm.weight, self.norm.variance_epsilon,
+                           norm_before_gate=False)
         return self.out_proj(y.to(dtype))
 
 

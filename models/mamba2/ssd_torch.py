@@ -41,11 +41,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tenso
 
     Written as a sum of k shifted copies (k = 4) so that each tap can be masked per position; with
     ``seq_idx=None`` it equals ``F.conv1d(..., padding=k-1, groups=c)[..., :l]`` (HF's torch path).
-    The result is in ``weight``'s dtype like HF's (x is cast first).
+    The result is in ``weight``'s dtype like HF's: each product promotes x to it (as a cast of x first would,
+    exactly), without keeping an upcast copy of x for the backward.
     """
     b, l, c = x.shape
     k = weight.shape[-1]
-    x = x.to(weight.dtype)
     padded = F.pad(x, (0, 0, k - 1, 0))                                   # [b, l + k - 1, c]
     if seq_idx is not None:
         seq_padded = F.pad(seq_idx, (k - 1, 0), value=-1)                 # pad ids match nothing

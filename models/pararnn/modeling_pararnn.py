@@ -6,6 +6,10 @@ Each layer is an RNN block followed by an MLP block (the paper's §5.2 and App. 
     x = s·x + W_out (RMSNorm(v) ⊙ SiLU(g))              # s: a learnable residual scale
     x = x + SwiGLU(RMSNorm(x))
 
+Memory: the backward keeps the block's GEMM outputs, the cell's trajectory and the residual stream; the
+norms, conv, SiLU and gating between them are recomputed (``pararnn_norm.recompute_elementwise``), and so
+is the cell's input projection (``save_projection``).
+
 Document boundaries come as ``position_ids`` that restart at 0 where a document starts: the cell's
 state and the conv's window are both reset there, so nothing crosses a boundary of a packed row.
 
@@ -36,6 +40,7 @@ from .configuration_pararnn import ParaRNNConfig
 from .decoding import graph_decode
 from .pararnn_cells import ParaGRU, ParaLSTM, ParaRNNCell
 from .pararnn_conv import CausalDepthwiseConv
+from .pararnn_norm import gated_rms_norm, recompute_elementwise
 from .pararnn_seqpar import previous_tail
 
 
@@ -68,6 +73,10 @@ class RNNBlock(nn.Module):
         self.in_proj = nn.Linear(d, 2 * d, bias=False)
         self.conv = CausalDepthwiseConv(d, config.conv_kernel)
         self.cell = make_cell(config)
+        # The cell redoes its input projection P (3d values per token) in the backward rather than keeping it:
+        # one block-diagonal GEMM (d²·3/heads multiply-adds per token) against 6 bytes per token and channel,
+        # the largest activation of the block after the MLP's (benchmarks/profile_memory.py).
+        self.cell.save_projection = False
         self.out_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
         # One element, not 0-dim: FSDP2's fully_shard and DeepSpeed ZeRO cannot shard 0-dim parameters.
@@ -75,21 +84,27 @@ class RNNBlock(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor | None, reset: Tensor | None,
                 cache: Optional["ParaRNNCache"] = None, layer_idx: int = 0) -> Tensor:
-        v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
-        conv_in = v
         group = self.cell.seq_group
         if group is not None and cache is not None:
             raise ValueError("ParaRNN: generation (a cache) does not run sequence parallel")
-        prefix = None if group is None else previous_tail(v, self.conv.kernel - 1, group)
-        v = F.silu(self.conv(v, positions, prefix))
+        if group is None:
+            v, u, g = recompute_elementwise(self._input, x, positions, None)
+        else:  # not recomputed: the conv's prefix comes from the previous rank (a collective)
+            v, u, g = self._input(x, positions, group)
         if cache is not None:
             # Prefill: the parallel forward, keeping the final state and the conv's window.
-            v, state = self.cell(v, reset=reset, return_state=True)
-            cache.conv_states[layer_idx] = self.conv.tail(conv_in, positions)
+            h, state = self.cell(u, reset=reset, return_state=True)
+            cache.conv_states[layer_idx] = self.conv.tail(v, positions)
             cache.cell_states[layer_idx] = state.clone()  # a view would keep the whole trajectory alive
         else:
-            v = self.cell(v, reset=reset)
-        return self._output(x, v, g)
+            h = self.cell(u, reset=reset)
+        return recompute_elementwise(self._output, x, h, g)
+
+    def _input(self, x: Tensor, positions: Tensor | None, group) -> tuple[Tensor, Tensor, Tensor]:
+        """``(conv input v, cell input SiLU(conv(v)), gate g)`` of the block input ``x``."""
+        v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
+        prefix = None if group is None else previous_tail(v, self.conv.kernel - 1, group)
+        return v, F.silu(self.conv(v, positions, prefix)), g
 
     def decode(self, x: Tensor, window: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Token by token from the conv window and the cell state, O(1) per token (what the CUDA graph of
@@ -103,9 +118,10 @@ class RNNBlock(nn.Module):
         return self._output(x, torch.stack(ys, dim=1), g), window, state
 
     def _output(self, x: Tensor, v: Tensor, g: Tensor) -> Tensor:
-        # the norm in fp32 (the cell's output is bf16 under autocast; fp32 keeps the fused norm kernel in eager),
-        # back in v's dtype for the projection (bf16 weights without autocast: FSDP2's param_dtype)
-        return self.residual_scale * x + self.out_proj(self.out_norm(v.float()).to(v.dtype) * F.silu(g))
+        # RMSNorm(v)·SiLU(g) in fp32, back in v's dtype for the projection (bf16 under autocast, and with bf16
+        # weights without autocast: FSDP2's param_dtype); its backward recomputes from v and g (pararnn_norm)
+        y = gated_rms_norm(v, g, self.out_norm.weight, self.out_norm.eps or torch.finfo(torch.float32).eps)
+        return self.residual_scale * x + self.out_proj(y)
 
 
 class BareBlock(nn.Module):
@@ -144,6 +160,9 @@ class MLPBlock(nn.Module):
         self.down = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        return recompute_elementwise(self._forward, x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(self.norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
