@@ -332,6 +332,12 @@ def test_bare_models_have_the_papers_parameter_counts_and_no_extra_layers():
                      "model.layers.0.rnn.cell.b", "lm_head.weight"}
 
 
+def sinusoids_by_hand(length: int, dim: int) -> torch.Tensor:
+    """Vaswani et al.'s sinusoids ``[length, dim]`` with plain ``math``: sin at even, cos at odd features."""
+    return torch.tensor([[math.sin(p / 10000 ** (2 * (i // 2) / dim)) if i % 2 == 0 else
+                          math.cos(p / 10000 ** (2 * (i // 2) / dim)) for i in range(dim)] for p in range(length)])
+
+
 def test_bare_paragru_is_embedding_cell_head():
     """The bare model's logits are ``head(cell(embed(x) + sinusoids))`` computed by hand with the cell's
     sequential mode. Mutation: keep the final RMSNorm in the bare model -> fails."""
@@ -343,10 +349,8 @@ def test_bare_paragru_is_embedding_cell_head():
                                         vocab_size=7, mode="parallel", position_encoding="sinusoidal"))
     x = torch.randint(0, 7, (3, 9))
     cell = model.model.layers[0].rnn.cell
-    pos = torch.arange(9)
-    pe = torch.stack([torch.tensor([math.sin(p / 10000 ** (2 * (i // 2) / 16)) if i % 2 == 0 else
-                                    math.cos(p / 10000 ** (2 * (i // 2) / 16)) for i in range(16)]) for p in pos])
-    assert torch.allclose(sinusoidal_positions(pos, 16), pe, atol=1e-5)
+    pe = sinusoids_by_hand(9, 16)
+    assert torch.allclose(sinusoidal_positions(torch.arange(9), 16), pe, atol=1e-5)
     h = model.model.embed_tokens(x) + pe
     cell.mode = "sequential"
     want = model.lm_head(cell(h))
@@ -378,6 +382,34 @@ def test_bare_mamba2_matches_a_sequential_scan():
                        C.reshape(2, 11, 1, 8), D=mixer.D)
     want = model.lm_head(mixer.out_proj(y.reshape(2, 11, 16)))
     assert torch.allclose(model(input_ids=x).logits, want, atol=1e-5)
+
+
+def test_transformer_sinusoidal_positions_are_added_to_the_embeddings():
+    """With ``position_encoding="sinusoidal"`` the Transformer's logits are plain Llama's (same weights) on
+    ``embed(x) + sinusoids`` computed by hand, RoPE kept; without it, Llama's on ``embed(x)``. It refuses a
+    cache and an export. Mutation: the sinusoids not added in forward -> fails."""
+    from transformers import LlamaForCausalLM
+
+    from models.registry import build_model
+
+    torch.manual_seed(0)
+    config = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=4, intermediate_size=20, vocab_size=7,
+                  bos_token_id=None, eos_token_id=None)
+    model = build_model("transformer", dict(config, position_encoding="sinusoidal")).eval()
+    llama = LlamaForCausalLM(model.config).eval()
+    llama.load_state_dict(model.state_dict())
+    x = torch.randint(0, 7, (3, 9))
+    with torch.no_grad():
+        want = llama(inputs_embeds=model.model.embed_tokens(x) + sinusoids_by_hand(9, 16)).logits
+        assert torch.allclose(model(input_ids=x).logits, want, atol=1e-5)
+        assert torch.allclose(model(input_ids=x, position_ids=torch.arange(9).expand(3, 9)).logits, want, atol=1e-5)
+        model.config.position_encoding = None
+        assert torch.allclose(model(input_ids=x).logits, llama(input_ids=x).logits, atol=1e-6)
+        model.config.position_encoding = "sinusoidal"
+        with pytest.raises(ValueError, match="no cache"):
+            model(input_ids=x, use_cache=True)
+    with pytest.raises(ValueError, match="cannot be exported"):
+        model.save_pretrained("/nonexistent")
 
 
 @pytest.mark.parametrize("block, positions", [("mixer", None), ("bare", None), ("bare", "sinusoidal")])
