@@ -4,8 +4,9 @@ their accuracy (eval/synthetic.py), the bare and mixer models (also when generat
 
 Generators are checked against hand-computed examples and against independent plain-Python references
 (loops, a dict lookup, permutations as tuples). The training tests run ``train.main`` in-process, exactly as
-``eval.synthetic_suite`` does, and must show learning: a bare ParaGRU solves Parity and Keep-nth; a bare
-Mamba2 with the same budget stays at chance on Parity (the negative control).
+``eval.synthetic_suite`` does, and must show learning: a bare ParaGRU solves Parity and Keep-nth (n = 1 without
+positions too); a bare Mamba2 with the same budget stays at chance on Parity and far below the GRU on Keep-nth
+without positions (the negative controls).
 """
 import itertools
 import json
@@ -501,8 +502,8 @@ def test_bare_paragru_solves_keep_nth(tmp_path):
     mode): ≥ 99% right at the last position and at every position from the 5th on. This task does not
     separate the architectures on CPU: a linear recurrence keeps the 5th token too (a bare Mamba2 with
     positional encoding reaches 99.6% in 600 steps, unlike the paper's 1%, and the minGRU mutation above still
-    passes this test), so it checks the task, the bare model and its positional encoding; Parity is the
-    separating test. Mutation: the sinusoids multiplied by 0 -> exact
+    passes this test), so it checks the task, the bare model and its positional encoding; Parity and Keep-nth
+    without positions (below) are the separating tests. Mutation: the sinusoids multiplied by 0 -> exact
     0.0: fails."""
     summary = train_synthetic(tmp_path, "paragru_synth_bare", "synthetic_keep_nth", "data.seq_len=24",
                               "data.task_args.vocab=16", "trainer.max_steps=400", "trainer.val_every=400",
@@ -510,6 +511,37 @@ def test_bare_paragru_solves_keep_nth(tmp_path):
                               "model.config.mode=parallel")
     assert summary["val_last_acc"] >= 0.99 and summary["val_exact_acc"] >= 0.99, summary
     assert summary["val_newton_residual"] < 1e-3
+
+
+# Keep-nth without positional encoding, n = 1 (keep the first token), L = 16, |V| = 8, LR 3e-2, 600 steps, no clip.
+# The separating setting: with positions (the paper's protocol) a linear recurrence keeps the n-th token too (the
+# test above); without them only a recurrence whose update depends on its own state can tell where it is (the
+# GRU's exact zero initial state is its clock). At n = 2 the GRU needs ~3,000 steps for 98% here; the paper
+# says the task cannot be solved without positions (at n = 5, L = 100), and here a bare ParaGRU reaches 27% at
+# n = 5, L = 24, 3,000 steps.
+KEEP_FIRST = ("data.seq_len=16", "data.task_args.vocab=8", "data.task_args.n=1", "trainer.max_steps=600",
+              "trainer.val_every=600", "model.lr=3e-2")
+
+
+@pytest.mark.slow
+def test_bare_paragru_keeps_the_first_token_without_positions(tmp_path):
+    """≥ 99% right at the last position and at every position, no positional encoding (this run: 100%).
+    Mutation: the GRU made a linear recurrence (``gru_gates`` reading ``0 * h``: minGRU, gates and candidate
+    from the input only) -> last 0.23: fails."""
+    summary = train_synthetic(tmp_path, "paragru_synth_bare", "synthetic_keep_nth", *KEEP_FIRST,
+                              "model.config.clip=null", "model.config.mode=parallel")
+    assert summary["val_last_acc"] >= 0.99 and summary["val_exact_acc"] >= 0.99, summary
+
+
+@pytest.mark.slow
+def test_bare_mamba2_cannot_keep_the_first_token_without_positions(tmp_path):
+    """The negative control of the test above, same budget: a bare Mamba2 (gates from the input only) cannot
+    find the first token without positions. Not exactly at chance (1/8): at one fixed length a difference of
+    two decays can weight the oldest tokens more (this run: 0.28 at the last position, 0.08 of sequences
+    right everywhere), but far from the GRU's 1.0. Mutation: positions given to it
+    (``++model.config.position_encoding=sinusoidal``) -> 1.0: fails."""
+    summary = train_synthetic(tmp_path, "mamba2_synth_bare", "synthetic_keep_nth", *KEEP_FIRST)
+    assert summary["val_last_acc"] <= 0.4 and summary["val_exact_acc"] <= 0.2, summary
 
 
 # ------------------------------------------------------------------------------------------------
