@@ -604,7 +604,9 @@ def main(argv=None) -> int:
         "epochs and leaves Keep-nth unlearnt in these step budgets; --paper-lr restores it)"))
     header = (f"# Synthetic expressivity suite\n\nSingle layer, d = 64, 4 heads, trained at L = "
               f"{args.seq_len or 100} with batch 16 on every position's target, AdamW (0.9, 0.999), {lr}, WD 1e-6; "
-              f"steps: the details' column. Paper: ParaRNN v2 Tables 1/6; Cycle-Nav / Mod-Arith / A5: its "
+              f"steps: the details' column. Positions: the Transformer has RoPE in every task; on Keep-nth all four "
+              f"models also get absolute sinusoids added to the embeddings (App. C.2 adds positional encoding to "
+              f"the recurrent models there). Paper: ParaRNN v2 Tables 1/6; Cycle-Nav / Mod-Arith / A5: its "
               f"camera-ready as quoted by secondary notes (unverified).")
     print("\n" + write_table(rows, tasks, archs, lengths, out, header, args.seq_len or 100))
     figure = plot(rows, tasks, archs, lengths, out, args.seq_len or 100)
