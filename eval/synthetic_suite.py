@@ -27,11 +27,12 @@ prefix parities right, ...), which the details table shows for every task anyway
 
 Each run lives in ``--runs-dir`` (default ``OUT/runs``): its train.py run directory, its log and, once it has
 finished, ``record.json``. A re-run skips the cells with a record and resumes an interrupted one from its last
-checkpoint, so the same command can be repeated until the table is complete. The paper's five tasks run
-first, the longest runs first among them; ``--deadline S`` starts no run after S seconds, ``--time-limit S``
-also stops the runs under way then (each checkpoints after its current step: a re-run resumes it), so the
-command ends by itself with the table of what finished. Writes four files to ``--out``:
-``runs.jsonl`` (every record), ``table.md`` (the table, the paper's numbers beside ours, length
+checkpoint, so the same command can be repeated until the table is complete; a finished run made with other
+Hydra overrides (steps, LR, test lengths, a task's options) stops the command with an error, not a mixed
+table. The paper's five tasks run first, the longest runs first among them; ``--deadline S`` starts no run
+after S seconds, ``--time-limit S`` also stops the runs under way then (each checkpoints after its current
+step: a re-run resumes it), so the command ends by itself with the table of what finished. Writes four
+files to ``--out``: ``runs.jsonl`` (every record), ``table.md`` (the table, the paper's numbers beside ours, length
 generalisation, Newton residuals and fallbacks), ``table.csv`` (one row per task × architecture) and
 ``table.png``. The paper reports the best of 3 seeds; we report mean ± half-range over seeds and the best.
 """
@@ -229,7 +230,8 @@ def run_cell(cell: Cell, opts: dict) -> dict:
     import train
     from training.preemption import EXIT_REQUEUE
 
-    record = {"task": cell.task, "arch": cell.arch, "seed": cell.seed, "name": cell.name}
+    record = {"task": cell.task, "arch": cell.arch, "seed": cell.seed, "name": cell.name,
+              "settings": settings(cell, opts)}
     run_dir = os.path.join(opts["runs_dir"], cell.name)
     with open(_pid_path(cell, opts["runs_dir"]), "w") as f:  # where --time-limit sends its stop signal
         f.write(str(os.getpid()))
@@ -300,6 +302,19 @@ def load_records(cells: list[Cell], runs_dir: str) -> list[dict]:
             with open(record_path(cell, runs_dir)) as f:
                 records.append(json.load(f))
     return records
+
+
+def settings(cell: Cell, opts: dict) -> list[str]:
+    """What a finished run's result depends on: its overrides, less where it ran (the device)."""
+    return [o for o in overrides(cell, opts) if not o.startswith("trainer.device=")]
+
+
+def stale(cells: list[Cell], runs_dir: str, opts: dict) -> list[str]:
+    """The finished runs in ``runs_dir`` made with other settings than this command's (or recorded before the
+    records kept them): the table would mix them in silently, so the command refuses to reuse them."""
+    by_name = {c.name: c for c in cells}
+    return [r["name"] for r in load_records(cells, runs_dir)
+            if "error" not in r and r.get("settings") != settings(by_name[r["name"]], opts)]
 
 
 def pending(cells: list[Cell], runs_dir: str) -> list[Cell]:
@@ -527,6 +542,15 @@ def plan(args: argparse.Namespace) -> tuple[list[str], list[str], list[int], lis
     return tasks, archs, lengths, cells
 
 
+def options(args: argparse.Namespace, lengths: list[int], out: str, runs_dir: str) -> dict:
+    """The settings every run of this command shares (``overrides``' ``opts``)."""
+    return {"out": out, "runs_dir": runs_dir,
+            "steps_scale": args.steps_scale, "test_lengths": lengths, "device": args.device,
+            "lr": args.lr, "warmup": args.warmup,
+            "seq_len": args.seq_len, "val_samples": args.val_samples, "test_samples": args.test_samples,
+            "mamba2_triton": args.mamba2_triton, "extra": tuple(args.overrides)}
+
+
 def main(argv=None) -> int:
     start = time.perf_counter()  # --deadline and --time-limit count from here
     args = parse_args(argv)
@@ -542,16 +566,17 @@ def main(argv=None) -> int:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     out = os.path.abspath(args.out)
     runs_dir = os.path.abspath(args.runs_dir or os.path.join(out, "runs"))
-    opts = {"out": out, "runs_dir": runs_dir,
-            "steps_scale": args.steps_scale, "test_lengths": lengths, "device": args.device,
-            "lr": args.lr, "warmup": args.warmup,
-            "seq_len": args.seq_len, "val_samples": args.val_samples, "test_samples": args.test_samples,
-            "mamba2_triton": args.mamba2_triton, "extra": tuple(args.overrides)}
+    opts = options(args, lengths, out, runs_dir)
     try:  # every run's config, checked before any is started (a bad override: one line, nothing created)
         for cell in cells:
             train.load_job(overrides(cell, opts))
     except ConfigError as err:
         print(f"error: {cell.name}: {err}", file=sys.stderr)
+        return 2
+    old = stale(cells, runs_dir, opts)
+    if old:
+        print(f"error: --runs-dir {runs_dir}: {len(old)} finished run(s) there were made with other settings "
+              f"({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}); give a new --runs-dir", file=sys.stderr)
         return 2
     os.makedirs(runs_dir, exist_ok=True)
     todo = pending(cells, runs_dir)

@@ -594,6 +594,36 @@ def test_suite_table_aggregates_seeds_and_shows_the_paper(tmp_path):
         suite.plan(suite.parse_args(["--out", str(tmp_path), "--tasks", "nope"]))
 
 
+def test_suite_refuses_finished_runs_made_with_other_settings(tmp_path, capsys):
+    """A finished run is reused only if it was made with this command's overrides (the device aside): another
+    step budget, or a record from before records kept them, would put stale numbers in the table, so the
+    command stops with one line naming the runs directory and creates nothing. Mutation: ``stale`` returning
+    [] -> fails (the step-budget check, before main would train)."""
+    from eval import synthetic_suite as suite
+
+    argv = ["--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), "--tasks", "parity", "--archs",
+            "paragru", "--seeds", "1", "--device", "cpu"]
+
+    def opts(*more):
+        args = suite.parse_args(argv + list(more))
+        _, _, lengths, cells = suite.plan(args)
+        return cells, suite.options(args, lengths, str(tmp_path / "out"), str(tmp_path / "runs"))
+
+    cells, same = opts()
+    runs = str(tmp_path / "runs")
+    suite.write_record(cells[0], runs, {"task": "parity", "arch": "paragru", "seed": 0, "name": cells[0].name,
+                                        "settings": suite.settings(cells[0], same)})
+    assert suite.stale(cells, runs, same) == []
+    assert suite.stale(cells, runs, opts("--device", "auto")[1]) == []  # where it ran does not matter
+    assert suite.stale(cells, runs, opts("--steps-scale", "2")[1]) == [cells[0].name]
+    assert suite.main(argv + ["--steps-scale", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --runs-dir") and "parity__paragru__s0" in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")
+    suite.write_record(cells[0], runs, {"task": "parity", "arch": "paragru", "seed": 0, "name": cells[0].name})
+    assert suite.stale(cells, runs, same) == [cells[0].name]  # recorded before records kept their settings
+
+
 def test_suite_reads_newton_from_metrics_across_a_resume(tmp_path):
     """train.py logs ``newton_fallbacks`` counted since the process built the model: a resumed run starts again
     from 0, so the suite sums the segments (3 + 2 here); the residual is the largest logged. Mutation: the
