@@ -4,8 +4,9 @@ their accuracy (eval/synthetic.py), the bare and mixer models (also when generat
 
 Generators are checked against hand-computed examples and against independent plain-Python references
 (loops, a dict lookup, permutations as tuples). The training tests run ``train.main`` in-process, exactly as
-``eval.synthetic_suite`` does, and must show learning: a bare ParaGRU solves Parity and Keep-nth; a bare
-Mamba2 with the same budget stays at chance on Parity (the negative control).
+``eval.synthetic_suite`` does, and must show learning: a bare ParaGRU solves Parity and Keep-nth (n = 1 without
+positions too); a bare Mamba2 with the same budget stays at chance on Parity and far below the GRU on Keep-nth
+without positions (the negative controls).
 """
 import itertools
 import json
@@ -332,6 +333,12 @@ def test_bare_models_have_the_papers_parameter_counts_and_no_extra_layers():
                      "model.layers.0.rnn.cell.b", "lm_head.weight"}
 
 
+def sinusoids_by_hand(length: int, dim: int) -> torch.Tensor:
+    """Vaswani et al.'s sinusoids ``[length, dim]`` with plain ``math``: sin at even, cos at odd features."""
+    return torch.tensor([[math.sin(p / 10000 ** (2 * (i // 2) / dim)) if i % 2 == 0 else
+                          math.cos(p / 10000 ** (2 * (i // 2) / dim)) for i in range(dim)] for p in range(length)])
+
+
 def test_bare_paragru_is_embedding_cell_head():
     """The bare model's logits are ``head(cell(embed(x) + sinusoids))`` computed by hand with the cell's
     sequential mode. Mutation: keep the final RMSNorm in the bare model -> fails."""
@@ -343,10 +350,8 @@ def test_bare_paragru_is_embedding_cell_head():
                                         vocab_size=7, mode="parallel", position_encoding="sinusoidal"))
     x = torch.randint(0, 7, (3, 9))
     cell = model.model.layers[0].rnn.cell
-    pos = torch.arange(9)
-    pe = torch.stack([torch.tensor([math.sin(p / 10000 ** (2 * (i // 2) / 16)) if i % 2 == 0 else
-                                    math.cos(p / 10000 ** (2 * (i // 2) / 16)) for i in range(16)]) for p in pos])
-    assert torch.allclose(sinusoidal_positions(pos, 16), pe, atol=1e-5)
+    pe = sinusoids_by_hand(9, 16)
+    assert torch.allclose(sinusoidal_positions(torch.arange(9), 16), pe, atol=1e-5)
     h = model.model.embed_tokens(x) + pe
     cell.mode = "sequential"
     want = model.lm_head(cell(h))
@@ -378,6 +383,34 @@ def test_bare_mamba2_matches_a_sequential_scan():
                        C.reshape(2, 11, 1, 8), D=mixer.D)
     want = model.lm_head(mixer.out_proj(y.reshape(2, 11, 16)))
     assert torch.allclose(model(input_ids=x).logits, want, atol=1e-5)
+
+
+def test_transformer_sinusoidal_positions_are_added_to_the_embeddings():
+    """With ``position_encoding="sinusoidal"`` the Transformer's logits are plain Llama's (same weights) on
+    ``embed(x) + sinusoids`` computed by hand, RoPE kept; without it, Llama's on ``embed(x)``. It refuses a
+    cache and an export. Mutation: the sinusoids not added in forward -> fails."""
+    from transformers import LlamaForCausalLM
+
+    from models.registry import build_model
+
+    torch.manual_seed(0)
+    config = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=4, intermediate_size=20, vocab_size=7,
+                  bos_token_id=None, eos_token_id=None)
+    model = build_model("transformer", dict(config, position_encoding="sinusoidal")).eval()
+    llama = LlamaForCausalLM(model.config).eval()
+    llama.load_state_dict(model.state_dict())
+    x = torch.randint(0, 7, (3, 9))
+    with torch.no_grad():
+        want = llama(inputs_embeds=model.model.embed_tokens(x) + sinusoids_by_hand(9, 16)).logits
+        assert torch.allclose(model(input_ids=x).logits, want, atol=1e-5)
+        assert torch.allclose(model(input_ids=x, position_ids=torch.arange(9).expand(3, 9)).logits, want, atol=1e-5)
+        model.config.position_encoding = None
+        assert torch.allclose(model(input_ids=x).logits, llama(input_ids=x).logits, atol=1e-6)
+        model.config.position_encoding = "sinusoidal"
+        with pytest.raises(ValueError, match="no cache"):
+            model(input_ids=x, use_cache=True)
+    with pytest.raises(ValueError, match="cannot be exported"):
+        model.save_pretrained("/nonexistent")
 
 
 @pytest.mark.parametrize("block, positions", [("mixer", None), ("bare", None), ("bare", "sinusoidal")])
@@ -469,8 +502,8 @@ def test_bare_paragru_solves_keep_nth(tmp_path):
     mode): ≥ 99% right at the last position and at every position from the 5th on. This task does not
     separate the architectures on CPU: a linear recurrence keeps the 5th token too (a bare Mamba2 with
     positional encoding reaches 99.6% in 600 steps, unlike the paper's 1%, and the minGRU mutation above still
-    passes this test), so it checks the task, the bare model and its positional encoding; Parity is the
-    separating test. Mutation: the sinusoids multiplied by 0 -> exact
+    passes this test), so it checks the task, the bare model and its positional encoding; Parity and Keep-nth
+    without positions (below) are the separating tests. Mutation: the sinusoids multiplied by 0 -> exact
     0.0: fails."""
     summary = train_synthetic(tmp_path, "paragru_synth_bare", "synthetic_keep_nth", "data.seq_len=24",
                               "data.task_args.vocab=16", "trainer.max_steps=400", "trainer.val_every=400",
@@ -478,6 +511,37 @@ def test_bare_paragru_solves_keep_nth(tmp_path):
                               "model.config.mode=parallel")
     assert summary["val_last_acc"] >= 0.99 and summary["val_exact_acc"] >= 0.99, summary
     assert summary["val_newton_residual"] < 1e-3
+
+
+# Keep-nth without positional encoding, n = 1 (keep the first token), L = 16, |V| = 8, LR 3e-2, 600 steps, no clip.
+# The separating setting: with positions (the paper's protocol) a linear recurrence keeps the n-th token too (the
+# test above); without them only a recurrence whose update depends on its own state can tell where it is (the
+# GRU's exact zero initial state is its clock). At n = 2 the GRU needs ~3,000 steps for 98% here; the paper
+# says the task cannot be solved without positions (at n = 5, L = 100), and here a bare ParaGRU reaches 27% at
+# n = 5, L = 24, 3,000 steps.
+KEEP_FIRST = ("data.seq_len=16", "data.task_args.vocab=8", "data.task_args.n=1", "trainer.max_steps=600",
+              "trainer.val_every=600", "model.lr=3e-2")
+
+
+@pytest.mark.slow
+def test_bare_paragru_keeps_the_first_token_without_positions(tmp_path):
+    """≥ 99% right at the last position and at every position, no positional encoding (this run: 100%).
+    Mutation: the GRU made a linear recurrence (``gru_gates`` reading ``0 * h``: minGRU, gates and candidate
+    from the input only) -> last 0.23: fails."""
+    summary = train_synthetic(tmp_path, "paragru_synth_bare", "synthetic_keep_nth", *KEEP_FIRST,
+                              "model.config.clip=null", "model.config.mode=parallel")
+    assert summary["val_last_acc"] >= 0.99 and summary["val_exact_acc"] >= 0.99, summary
+
+
+@pytest.mark.slow
+def test_bare_mamba2_cannot_keep_the_first_token_without_positions(tmp_path):
+    """The negative control of the test above, same budget: a bare Mamba2 (gates from the input only) cannot
+    find the first token without positions. Not exactly at chance (1/8): at one fixed length a difference of
+    two decays can weight the oldest tokens more (this run: 0.28 at the last position, 0.08 of sequences
+    right everywhere), but far from the GRU's 1.0. Mutation: positions given to it
+    (``++model.config.position_encoding=sinusoidal``) -> 1.0: fails."""
+    summary = train_synthetic(tmp_path, "mamba2_synth_bare", "synthetic_keep_nth", *KEEP_FIRST)
+    assert summary["val_last_acc"] <= 0.4 and summary["val_exact_acc"] <= 0.2, summary
 
 
 # ------------------------------------------------------------------------------------------------
@@ -528,6 +592,36 @@ def test_suite_table_aggregates_seeds_and_shows_the_paper(tmp_path):
     assert suite.pending(cells, str(tmp_path)) == [c for c in cells if c != parity[0]]  # failed: retried
     with pytest.raises(ConfigError, match="--tasks"):
         suite.plan(suite.parse_args(["--out", str(tmp_path), "--tasks", "nope"]))
+
+
+def test_suite_refuses_finished_runs_made_with_other_settings(tmp_path, capsys):
+    """A finished run is reused only if it was made with this command's overrides (the device aside): another
+    step budget, or a record from before records kept them, would put stale numbers in the table, so the
+    command stops with one line naming the runs directory and creates nothing. Mutation: ``stale`` returning
+    [] -> fails (the step-budget check, before main would train)."""
+    from eval import synthetic_suite as suite
+
+    argv = ["--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), "--tasks", "parity", "--archs",
+            "paragru", "--seeds", "1", "--device", "cpu"]
+
+    def opts(*more):
+        args = suite.parse_args(argv + list(more))
+        _, _, lengths, cells = suite.plan(args)
+        return cells, suite.options(args, lengths, str(tmp_path / "out"), str(tmp_path / "runs"))
+
+    cells, same = opts()
+    runs = str(tmp_path / "runs")
+    suite.write_record(cells[0], runs, {"task": "parity", "arch": "paragru", "seed": 0, "name": cells[0].name,
+                                        "settings": suite.settings(cells[0], same)})
+    assert suite.stale(cells, runs, same) == []
+    assert suite.stale(cells, runs, opts("--device", "auto")[1]) == []  # where it ran does not matter
+    assert suite.stale(cells, runs, opts("--steps-scale", "2")[1]) == [cells[0].name]
+    assert suite.main(argv + ["--steps-scale", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --runs-dir") and "parity__paragru__s0" in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")
+    suite.write_record(cells[0], runs, {"task": "parity", "arch": "paragru", "seed": 0, "name": cells[0].name})
+    assert suite.stale(cells, runs, same) == [cells[0].name]  # recorded before records kept their settings
 
 
 def test_suite_reads_newton_from_metrics_across_a_resume(tmp_path):

@@ -7,6 +7,11 @@ The saved ``config.json`` has ``model_type: llama``, so an export loads with pla
 * ``rms_norm_eps=1e-5`` (DCLM/open_lm's norm eps), RoPE θ = 10000, no biases, untied embeddings.
 * GPT-2 ``<|endoftext|>`` ids (50256) like the ParaRNN config.
 
+``position_encoding`` is ours (plain transformers keeps it as an unused attribute): None, or ``"sinusoidal"``:
+absolute sinusoids added to the embeddings, on top of RoPE. RoPE alone is relative, so one causal layer cannot
+find an absolute position (the paper's Keep-nth task, which adds positional encoding to every model). Models
+with it train and evaluate; they do not generate or export (a plain ``LlamaForCausalLM`` would drop it).
+
 DCLM itself uses gain-only LayerNorm and QK-norm; Llama's RMSNorm without QK-norm is the spec's
 "Llama/DCLM-style" choice, so the export runs on any transformers build.
 """
@@ -36,8 +41,12 @@ class TransformerConfig(LlamaConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
+    position_encoding: str | None = None
 
     def __post_init__(self, **kwargs):
+        if self.position_encoding not in (None, "sinusoidal"):
+            raise ValueError(f"TransformerConfig: position_encoding={self.position_encoding!r} is not None or "
+                             f"'sinusoidal'")
         if self.intermediate_size is None:
             self.intermediate_size = swiglu_width(self.hidden_size)
         super().__post_init__(**kwargs)

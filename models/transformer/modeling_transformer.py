@@ -17,6 +17,8 @@ What is special here, compared with ``transformers.LlamaForCausalLM``:
   σ = 1/√d for embeddings, q/k/v, gate/up and the LM head, and depth-scaled output projections:
   σ = 1/√d / √(2(l+1)) for o_proj and σ = 1/√ffn / √(2(l+1)) for down_proj in layer l. Loaded
   weights are never re-initialised (transformers' init helpers skip them).
+* ``config.position_encoding="sinusoidal"`` adds absolute sinusoids (those of the ParaRNN and Mamba2
+  models) to the embeddings, for the synthetic Keep-nth task; such a model refuses a cache and an export.
 * ``save_pretrained`` writes ``architectures: ["LlamaForCausalLM"]``: exports load with plain
   transformers and no code of ours.
 """
@@ -26,6 +28,7 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers import initialization as init
 
+from ..pararnn.modeling_pararnn import sinusoidal_positions
 from .configuration_transformer import TransformerConfig
 
 EXPORT_ARCHITECTURE = "LlamaForCausalLM"
@@ -41,9 +44,19 @@ class TransformerForCausalLM(LlamaForCausalLM):
     config_class = TransformerConfig
     config: TransformerConfig
 
-    def forward(self, *args, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, *args, use_cache=None, position_ids=None, inputs_embeds=None, **kwargs):
         """Llama's forward; ``use_cache`` defaults to False (packed rows need it off; generate() sets it)."""
-        return super().forward(*args, use_cache=bool(use_cache), **kwargs)
+        if self.config.position_encoding == "sinusoidal":
+            if use_cache or kwargs.get("past_key_values") is not None:
+                raise ValueError("Transformer position_encoding='sinusoidal' is for training and evaluation (no cache)")
+            if inputs_embeds is None:
+                inputs_embeds, input_ids = self.model.embed_tokens(input_ids), None
+            positions = position_ids if position_ids is not None else torch.arange(
+                inputs_embeds.shape[1], device=inputs_embeds.device).expand(inputs_embeds.shape[:2])
+            inputs_embeds = inputs_embeds + sinusoidal_positions(positions, inputs_embeds.shape[-1]).to(
+                inputs_embeds.dtype)
+        return super().forward(input_ids, *args, use_cache=bool(use_cache), position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, **kwargs)
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -68,6 +81,8 @@ class TransformerForCausalLM(LlamaForCausalLM):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As HF's, but ``config.json`` names ``LlamaForCausalLM``, so the export needs no code of ours."""
+        if self.config.position_encoding is not None:
+            raise ValueError("a Transformer with position_encoding cannot be exported: LlamaForCausalLM has none")
         super().save_pretrained(save_directory, *args, **kwargs)
         self.config.architectures = [EXPORT_ARCHITECTURE]
         if kwargs.get("is_main_process", True):
