@@ -236,13 +236,12 @@ def test_pararnn_flops_match_flop_counter(preset):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_pararnn_recomputation_leaves_gradients_unchanged(cell, monkeypatch):
+def test_pararnn_recomputation_leaves_gradients_unchanged(cell):
     """The ParaRNN LM with its backward recomputations (selective checkpointing of the elementwise glue,
-    the cell's projection P redone) against the same model keeping everything (plain autograd, P saved), in
-    float64 on packed documents: logits and every parameter gradient to 1e-10. Mutation: recompute_elementwise
-    passing its tensor arguments detached (no gradient back through a region's input) -> fails."""
-    from models.pararnn import modeling_pararnn
-
+    the cell's projection P redone) against the same weights with ``recompute_elementwise=False`` (plain
+    autograd, P saved), in float64 on packed documents: logits and every parameter gradient to 1e-10.
+    Mutation: recompute_elementwise passing its tensor arguments detached (no gradient back through a
+    region's input) -> fails."""
     def run(model):
         ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
         pos = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)
@@ -251,11 +250,12 @@ def test_pararnn_recomputation_leaves_gradients_unchanged(cell, monkeypatch):
         return logits, torch.autograd.grad((logits * weights).sum(), list(model.parameters()))
 
     model = tiny_model(f"para{cell}_tiny", hidden_size=32, num_hidden_layers=2, mode="parallel").double()
+    plain = tiny_model(f"para{cell}_tiny", hidden_size=32, num_hidden_layers=2, mode="parallel",
+                       recompute_elementwise=False).double()
+    plain.load_state_dict(model.state_dict())
+    assert all(c.save_projection for c in plain.cells()) and not any(c.save_projection for c in model.cells())
     logits, grads = run(model)
-    monkeypatch.setattr(modeling_pararnn, "recompute_elementwise", lambda fn, *args: fn(*args))
-    for c in model.cells():
-        c.save_projection = True
-    ref_logits, ref_grads = run(model)
+    ref_logits, ref_grads = run(plain)
     assert torch.allclose(logits, ref_logits, rtol=1e-10, atol=1e-12)
     for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name

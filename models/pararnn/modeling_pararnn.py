@@ -73,10 +73,12 @@ class RNNBlock(nn.Module):
         self.in_proj = nn.Linear(d, 2 * d, bias=False)
         self.conv = CausalDepthwiseConv(d, config.conv_kernel)
         self.cell = make_cell(config)
-        # The cell redoes its input projection P (3d values per token) in the backward rather than keeping it:
-        # one block-diagonal GEMM (d²·3/heads multiply-adds per token) against 6 bytes per token and channel,
-        # the largest activation of the block after the MLP's (benchmarks/profile_memory.py).
-        self.cell.save_projection = False
+        # With recompute_elementwise the cell also redoes its input projection P (3d values per token) in the
+        # backward rather than keeping it: one block-diagonal GEMM (d²·3/heads multiply-adds per token) against
+        # 6 bytes per token and channel, the largest activation of the block after the MLP's
+        # (benchmarks/profile_memory.py).
+        self.cell.save_projection = not config.recompute_elementwise
+        self.recompute = config.recompute_elementwise
         self.out_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
         # One element, not 0-dim: FSDP2's fully_shard and DeepSpeed ZeRO cannot shard 0-dim parameters.
@@ -88,7 +90,7 @@ class RNNBlock(nn.Module):
         if group is not None and cache is not None:
             raise ValueError("ParaRNN: generation (a cache) does not run sequence parallel")
         if group is None:
-            v, u, g = recompute_elementwise(self._input, x, positions, None)
+            v, u, g = recompute_elementwise(self._input, x, positions, None, enabled=self.recompute)
         else:  # not recomputed: the conv's prefix comes from the previous rank (a collective)
             v, u, g = self._input(x, positions, group)
         if cache is not None:
@@ -98,7 +100,7 @@ class RNNBlock(nn.Module):
             cache.cell_states[layer_idx] = state.clone()  # a view would keep the whole trajectory alive
         else:
             h = self.cell(u, reset=reset)
-        return recompute_elementwise(self._output, x, h, g)
+        return recompute_elementwise(self._output, x, h, g, enabled=self.recompute)
 
     def _input(self, x: Tensor, positions: Tensor | None, group) -> tuple[Tensor, Tensor, Tensor]:
         """``(conv input v, cell input SiLU(conv(v)), gate g)`` of the block input ``x``."""
@@ -158,9 +160,10 @@ class MLPBlock(nn.Module):
         self.norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.gate_up = nn.Linear(d, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, d, bias=False)
+        self.recompute = config.recompute_elementwise
 
     def forward(self, x: Tensor) -> Tensor:
-        return recompute_elementwise(self._forward, x)
+        return recompute_elementwise(self._forward, x, enabled=self.recompute)
 
     def _forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(self.norm(x)).chunk(2, dim=-1)

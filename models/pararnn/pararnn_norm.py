@@ -71,12 +71,13 @@ def _save_gemms(_ctx, op, *_args, **_kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _GEMMS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def recompute_elementwise(fn, *args):
+def recompute_elementwise(fn, *args, enabled: bool = True):
     """``fn(*args)`` whose backward keeps only the region's inputs and its GEMMs' outputs: the norms, casts,
     conv, SiLU and gating between them are redone in the backward (selective activation checkpointing;
     under ``torch.compile`` the partitioner then recomputes them inside its fused backward kernels).
-    Only for regions without side effects or collectives (they would run twice). Without grad: ``fn(*args)``."""
-    if not torch.is_grad_enabled():
+    Only for regions without side effects or collectives (they would run twice). Without grad, or not
+    ``enabled``: ``fn(*args)``."""
+    if not (enabled and torch.is_grad_enabled()):
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False,
                       context_fn=partial(create_selective_checkpoint_contexts, _save_gemms))
