@@ -2,12 +2,12 @@
 autocast does (``benchmarks/check_precision.py``), at a small size on the CPU's torch paths.
 
 The reference is the same model in fp32 (parameters and compute); the bf16 copy runs with every decoder
-block's inputs cast to bf16 as FSDP2's ``cast_forward_inputs`` does. Observed at d=64, 2 layers, 2 x 128
+block's inputs cast to bf16 as FSDP2's ``cast_forward_inputs`` does. Observed at d=64, 2 layers, 2 x 128-256
 tokens: global relative gradient error 0.006-0.013 under autocast and 0.008-0.016 with bf16 parameters for
 all four presets; the tolerance (0.03 global, 0.05 for the median parameter) leaves 2x. Both must also be
 above 1e-4: a bf16 run that silently computed in fp32 would pass the tolerance without testing anything.
 Mutation: ``compare`` runs the "bf16" model without ``.to(torch.bfloat16)`` and without the input casts (so
-in fp32) -> all four fail (error 0); only the casts dropped from the parameters -> transformer and mamba2
+in fp32) -> all four fail (error 0); only the casts dropped from the parameters -> two of the four
 fail. The models themselves are robust here: running ParaRNN's Newton solve in bf16 (``compute_dtype``) or
 Mamba2's A = -exp(A_log) in bf16 moved the bf16 error by < 0.001 and did not fail this test.
 """
