@@ -84,8 +84,8 @@ class ParaRNNConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.block = block
         self.position_encoding = position_encoding
-        self.recompute_elementwise = recompute_elementwise
         self.initializer_range = initializer_range
         self.decode_graph = decode_graph
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.recompute_elementwise = recompute_elementwise
