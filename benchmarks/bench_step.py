@@ -79,16 +79,18 @@ def breakdown(events, steps: int) -> dict:
     ``other`` (to see what the rules miss)."""
     from torch.autograd import DeviceType
 
-    by_id = {e.id: e for e in events if e.device_type == DeviceType.CPU}
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    cpu = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
+    # Each CPU op lists the kernels it launched (``kernels``: name, device, duration in us), in every torch
+    # this runs on; the device events' own link to their op (``linked_correlation_id``) is not in torch 2.11.
+    launched = [(k.name, e, k.duration) for e in cpu for k in e.kernels]
     items = []
-    for e in kernels or [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]:
-        parents, op = [], by_id.get(e.linked_correlation_id) if kernels else e.cpu_parent
+    for name, op, us in launched or [(e.name, e.cpu_parent, e.self_cpu_time_total) for e in cpu]:
+        parents = []
         while op is not None:
             parents.append(op.name)
             op = op.cpu_parent
-        us = (e.time_range.end - e.time_range.start) if kernels else e.self_cpu_time_total
-        items.append((e.name, parents, us))
+        items.append((name, parents, us))
+    kernels = bool(launched)
     ms = dict.fromkeys(BUCKETS, 0.0)
     other: dict[str, float] = {}
     for name, parents, us in items:

@@ -6,9 +6,9 @@ Each layer is an RNN block followed by an MLP block (the paper's §5.2 and App. 
     x = s·x + W_out (RMSNorm(v) ⊙ SiLU(g))              # s: a learnable residual scale
     x = x + SwiGLU(RMSNorm(x))
 
-Memory: the backward keeps the block's GEMM outputs, the cell's trajectory and the residual stream; the
-norms, conv, SiLU and gating between them are recomputed (``pararnn_norm.recompute_elementwise``), and so
-is the cell's input projection (``save_projection``).
+Memory (``config.recompute_elementwise``, off by default): the backward keeps the block's GEMM outputs, the
+cell's trajectory and the residual stream; the norms, conv, SiLU and gating between them are recomputed
+(``pararnn_norm.recompute_elementwise``), and so is the cell's input projection (``save_projection``).
 
 Document boundaries come as ``position_ids`` that restart at 0 where a document starts: the cell's
 state and the conv's window are both reset there, so nothing crosses a boundary of a packed row.
