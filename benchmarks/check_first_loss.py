@@ -62,11 +62,18 @@ def rope_error(model, config) -> float | None:
     return max(((b.double().cpu() - ref).abs().max() / ref.abs().max()).item() for b in buffers.values())
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def preset_parser(doc: str, tiny: str) -> argparse.ArgumentParser:
+    """The arguments of the scripts that check the 7B presets (this one, check_precision.py): ``--presets``,
+    ``--tiny`` (described by ``tiny``), ``--layers``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=PRESETS)
-    ap.add_argument("--tiny", action="store_true", help=f"the presets at {TINY} (a CPU check)")
+    ap.add_argument("--tiny", action="store_true", help=f"the presets at {TINY} ({tiny})")
     ap.add_argument("--layers", type=int, default=None, help="keep the preset's width, use this many blocks")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = preset_parser(__doc__, "a CPU check")
     ap.add_argument("--batch", type=int, default=None, help="rows per rank (default: 2 on CUDA, 2 on CPU)")
     ap.add_argument("--seq", type=int, default=None, help="default: 2048 on CUDA, 64 on CPU")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA")

@@ -25,7 +25,6 @@ solver); CUDA the Triton kernels (``--kernels`` chooses; Triton on a CPU through
 whose ``tl.dot`` of bf16 operands is wrong in triton 3.6: it multiplies their raw 16-bit patterns, so the
 Mamba2 SSD's bf16 path cannot be checked there).
 """
-import argparse
 import copy
 import json
 import os
@@ -39,7 +38,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.check_first_loss import PRESETS, TINY  # noqa: E402
+from benchmarks.check_first_loss import TINY, preset_parser  # noqa: E402
 
 MODES = ("autocast", "bf16")
 
@@ -144,11 +143,8 @@ def by_kind(errors: dict[str, float]) -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", nargs="+", default=PRESETS)
-    ap.add_argument("--tiny", action="store_true", help=f"the presets at {TINY}, vocab 512 (seconds on a CPU)")
+    ap = preset_parser(__doc__, "vocab 512: seconds on a CPU")
     ap.add_argument("--width", type=int, default=None, help="hidden size (default: the preset's)")
-    ap.add_argument("--layers", type=int, default=None, help="blocks (default: the preset's)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default: the preset's)")
     ap.add_argument("--batch", type=int, default=2, help="rows")
     ap.add_argument("--seq", type=int, default=None, help="tokens per row (default: 2048 on CUDA, 256 on CPU)")
