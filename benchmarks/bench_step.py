@@ -4,6 +4,10 @@
     python benchmarks/bench_step.py --out benchmarks/results/step_1b          # the 1B presets, one H200
     python benchmarks/bench_step.py --profile compile --out benchmarks/results/step_1b   # + kernel time by kind
     python benchmarks/bench_step.py --tiny --profile --out /tmp/bench_step    # CPU smoke run, tiny presets
+    python benchmarks/bench_step.py --presets paragru_1b paragru_1b:recompute_elementwise=true --modes compile
+
+A preset may carry model-config overrides, ``NAME:KEY=VALUE[,KEY=VALUE]`` (values read as YAML): a row of
+its own, labelled with them.
 
 The step is train.py's (``train_step``'s work without accelerate): bf16 autocast over fp32 weights on CUDA,
 the fused chunked linear + cross-entropy + z-loss (``training.loss.LMObjective``), fused AdamW, and for
@@ -116,9 +120,13 @@ def run_row(args) -> dict:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    with open(os.path.join(ROOT, "configs", "model", f"{args.row_preset}.yaml")) as f:
+    name, _, overrides = args.row_preset.partition(":")
+    with open(os.path.join(ROOT, "configs", "model", f"{name}.yaml")) as f:
         preset = yaml.safe_load(f)
     arch, config = preset["arch"], preset["config"]
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        config[key] = yaml.safe_load(value)
     if args.layers:
         config["num_hidden_layers"] = args.layers
     torch.manual_seed(0)
