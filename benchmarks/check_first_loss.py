@@ -37,6 +37,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from benchmarks.check_gpu import norm_rel  # noqa: E402
+
 PRESETS = ["transformer_7b", "paragru_7b", "paralstm_7b", "mamba2_7b"]
 TINY = {"hidden_size": 64, "num_hidden_layers": 2}  # --tiny: the presets at this width and depth
 LN_V_BAND = 0.5  # the 7B presets (issue 19); --tiny: 1.5 above, as tests/test_initial_loss.py allows small widths
@@ -153,8 +155,7 @@ def main(argv=None) -> int:
         for pname, param in model.named_parameters():  # collective: every rank gathers every gradient
             full = param.grad.full_tensor()
             if rank == 0:
-                ref = reference.pop(pname).double()
-                grad_err[pname] = ((full.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                grad_err[pname] = norm_rel(full, reference.pop(pname))
             del full
         vocab = model.config.vocab_size
         del model, reference

@@ -39,6 +39,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from benchmarks.check_first_loss import TINY, preset_parser  # noqa: E402
+from benchmarks.check_gpu import norm_rel as rel_err  # noqa: E402
 
 MODES = ("autocast", "bf16")
 
@@ -100,11 +101,6 @@ def loss_and_grads(model, batch, autocast: bool) -> tuple[float, dict]:
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return loss.item(), grads
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def kind(name: str) -> str:

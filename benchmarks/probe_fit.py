@@ -46,6 +46,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.check_gpu import norm_rel  # noqa: E402
 from models.count import load_preset  # noqa: E402
 from models.registry import build_model  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
@@ -129,7 +130,7 @@ def grad_check(name: str, args, device, init: str | None = None) -> dict:
     errors = {}
     for key, ref in out[False].items():
         got = out[True][key]
-        errors[key] = ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+        errors[key] = norm_rel(got, ref)
     worst = sorted(errors.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else -math.inf)
     print(f"{name} gradient check (fp32, {args.dot_precision} dots, Triton vs torch), worst 8 of {len(errors)}:",
           flush=True)
