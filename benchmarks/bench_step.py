@@ -175,12 +175,15 @@ def run_row(args) -> dict:
         from torch.profiler import profile as profiler
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profiler(activities=activities) as prof:
-            for _ in range(args.profile_steps):
-                step()
-            if cuda:
-                torch.cuda.synchronize()
-        profile = breakdown(prof.events(), args.profile_steps)
+        try:  # the row's step time and memory are measured already: a profiler failure must not lose them
+            with profiler(activities=activities) as prof:
+                for _ in range(args.profile_steps):
+                    step()
+                if cuda:
+                    torch.cuda.synchronize()
+            profile = breakdown(prof.events(), args.profile_steps)
+        except Exception as err:  # recorded in the row and its table
+            profile = {"error": f"{type(err).__name__}: {err}"}
     step_s = statistics.median(times)
     tokens_per_s = args.batch * args.seq / step_s
     flops = flops_per_token(arch, model.config, params, mean_context(batch["position_ids"]))
@@ -239,12 +242,16 @@ def tables(rows: list[dict]) -> str:
                      f"{r['first_step_s']:.1f} |")
     profiled = [r for r in rows if r.get("profile")]
     if profiled:
-        lines += ["", "Profiler: " + ("kernel" if profiled[0]["profile"]["device"] == "cuda" else "CPU op")
+        device = next((r["profile"]["device"] for r in profiled if "device" in r["profile"]), "cpu")
+        lines += ["", "Profiler: " + ("kernel" if device == "cuda" else "CPU op")
                   + " time per step, ms (share); mixer = ParaRNN cell / attention / SSD; loss includes the head GEMMs",
                   "", "| preset | mode | " + " | ".join(BUCKETS) + " | total |",
                   "|---|---|" + "---|" * (len(BUCKETS) + 1)]
         for r in profiled:
             p = r["profile"]
+            if "error" in p:
+                lines.append(f"| {r['preset']} | {r['mode']} | profiler failed: {p['error']} |")
+                continue
             cells = [f"{p['ms'][b]:.1f} ({100 * p['ms'][b] / max(p['total_ms'], 1e-9):.0f}%)" for b in BUCKETS]
             lines.append(f"| {r['preset']} | {r['mode']} | " + " | ".join(cells) + f" | {p['total_ms']:.1f} |")
     return "\n".join(lines)
