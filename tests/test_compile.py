@@ -175,8 +175,9 @@ def test_profiler_breakdown_attributes_kernels_to_the_ops_that_launched_them():
     """``bench_step``'s breakdown on events shaped as torch's profiler gives them (CPU ops with their parent
     op and the kernels they launched, as ``FunctionEvent.kernels``; no ``linked_correlation_id``, which the
     H200's torch 2.11 lacks: the first GPU run of ``--profile`` failed on it): each kernel's time goes to the
-    bucket of its name and launching ops, per step. Mutation: kernels bucketed without their parents (the
-    head GEMM under the loss range counted as a GEMM) -> fails."""
+    bucket of its name and launching ops, per step, and a range's own GPU span (listed under the range's
+    name) is not counted again. Mutations: kernels bucketed without their parents (the head GEMM under the
+    loss range counted as a GEMM) -> fails; the span filter dropped -> fails (the optimizer 10x)."""
     from types import SimpleNamespace as NS
 
     from torch.autograd import DeviceType
@@ -193,7 +194,8 @@ def test_profiler_breakdown_attributes_kernels_to_the_ops_that_launched_them():
     events = [loss, op("aten::mm", loss, [("nvjet_tst_128x256_64x4_2x1_v_bz_TNN", 300.0)]),
               op("aten::mm", None, [("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 500.0)]),
               op("pararnn::forward", None, [("gru_newton_fwd_kernel", 200.0)]),
-              op("Optimizer.step#AdamW.step", None, [("multi_tensor_apply_kernel", 100.0)]),
+              op("Optimizer.step#AdamW.step", None, [("multi_tensor_apply_kernel", 100.0),
+                                                     ("Optimizer.step#AdamW.step", 900.0)]),  # its GPU span
               NS(name="gru_newton_fwd_kernel", cpu_parent=None, device_type=DeviceType.CUDA, is_async=False,
                  kernels=[])]  # the device event itself: counted once, through its op
     out = breakdown(events, steps=2)
