@@ -86,9 +86,11 @@ def breakdown(events, steps: int) -> dict:
     cpu = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
     # Each CPU op lists the kernels it launched (``kernels``: name, device, duration in us), in every torch
     # this runs on; the device events' own link to their op (``linked_correlation_id``) is not in torch 2.11.
-    # A range (record_function: lm_loss, Optimizer.step, ProfilerStep) also lists its GPU-side span under
-    # its own name: time its kernels already count (the H200 run that kept the spans summed to 2x the step).
-    launched = [(k.name, e, k.duration) for e in cpu for k in e.kernels if k.name != e.name]
+    # A user range (record_function: lm_loss, Optimizer.step) also lists its GPU-side span under its own name:
+    # time its kernels already count (the H200 run without this filter summed to ~2x the step). Inductor's
+    # launch ranges also carry their kernel's name, but they are not user annotations: their kernels count.
+    launched = [(k.name, e, k.duration) for e in cpu for k in e.kernels
+                if not (e.is_user_annotation and k.name == e.name)]
     items = []
     for name, op, us in launched or [(e.name, e.cpu_parent, e.self_cpu_time_total) for e in cpu]:
         parents = []

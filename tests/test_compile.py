@@ -176,8 +176,10 @@ def test_profiler_breakdown_attributes_kernels_to_the_ops_that_launched_them():
     op and the kernels they launched, as ``FunctionEvent.kernels``; no ``linked_correlation_id``, which the
     H200's torch 2.11 lacks: the first GPU run of ``--profile`` failed on it): each kernel's time goes to the
     bucket of its name and launching ops, per step, and a range's own GPU span (listed under the range's
-    name) is not counted again. Mutations: kernels bucketed without their parents (the head GEMM under the
-    loss range counted as a GEMM) -> fails; the span filter dropped -> fails (the optimizer 10x)."""
+    name) is not counted again, while Inductor's launch ranges (named as their kernel, no user annotation) are.
+    Mutations: kernels bucketed without their parents (the head GEMM under the loss range counted as a GEMM)
+    -> fails; the span filter dropped -> fails (the optimizer 10x); the filter by name alone -> fails (the
+    Inductor kernel lost)."""
     from types import SimpleNamespace as NS
 
     from torch.autograd import DeviceType
@@ -186,22 +188,24 @@ def test_profiler_breakdown_attributes_kernels_to_the_ops_that_launched_them():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from bench_step import breakdown
 
-    def op(name, parent=None, kernels=()):
-        return NS(name=name, cpu_parent=parent, device_type=DeviceType.CPU, is_async=False,
+    def op(name, parent=None, kernels=(), user=False):
+        return NS(name=name, cpu_parent=parent, device_type=DeviceType.CPU, is_async=False, is_user_annotation=user,
                   kernels=[Kernel(k, 0, us) for k, us in kernels], self_cpu_time_total=1.0)
 
-    loss = op("lm_loss")
+    loss = op("lm_loss", user=True)
     events = [loss, op("aten::mm", loss, [("nvjet_tst_128x256_64x4_2x1_v_bz_TNN", 300.0)]),
               op("aten::mm", None, [("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 500.0)]),
               op("pararnn::forward", None, [("gru_newton_fwd_kernel", 200.0)]),
               op("Optimizer.step#AdamW.step", None, [("multi_tensor_apply_kernel", 100.0),
-                                                     ("Optimizer.step#AdamW.step", 900.0)]),  # its GPU span
+                                                     ("Optimizer.step#AdamW.step", 900.0)], user=True),  # GPU span
+              # Inductor's launch range is named as its kernel, and is no user annotation: counted
+              op("triton_poi_fused_add_0", None, [("triton_poi_fused_add_0", 60.0)]),
               NS(name="gru_newton_fwd_kernel", cpu_parent=None, device_type=DeviceType.CUDA, is_async=False,
                  kernels=[])]  # the device event itself: counted once, through its op
     out = breakdown(events, steps=2)
     assert out["device"] == "cuda"
     assert out["ms"] == {**dict.fromkeys(out["ms"], 0.0), "loss": 0.15, "gemm": 0.25, "mixer": 0.1,
-                         "optimizer": 0.05}
+                         "optimizer": 0.05, "norm_elementwise": 0.03}
 
 
 @pytest.mark.parametrize("norm_before_gate", [True, False])
