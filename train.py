@@ -223,12 +223,22 @@ class TrainState:
     def __init__(self):
         self.step, self.tokens = 0, 0
         self.nonfinite_in_row, self.nonfinite_total, self.stalled_in_row = 0, 0, 0
+        self.solved_in_row = 0  # steps in a row at or below trainer.stop_at_loss
 
     def state_dict(self) -> dict:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
+
+
+def converged(state: TrainState, step: dict, t: TrainerConfig) -> bool:
+    """Count the steps in a row whose (finite) loss is at or below ``trainer.stop_at_loss``; True once there have
+    been ``log_every`` of them (one lucky batch does not end a run)."""
+    if t.stop_at_loss is None:
+        return False
+    state.solved_in_row = state.solved_in_row + 1 if step["finite"] and step["loss"] <= t.stop_at_loss else 0
+    return state.solved_in_row >= t.log_every
 
 
 class TrainingFailed(RuntimeError):
@@ -380,8 +390,9 @@ def train(job: JobConfig, command: str) -> int:
     progress = Progress(state.step, t.max_steps, tokens_per_step, main_process)
     model.train()
     stopped = False
+    solved = t.stop_at_loss is not None and state.solved_in_row >= t.log_every  # resuming a run that stopped so
     try:
-        while state.step < t.max_steps and not stopped:
+        while state.step < t.max_steps and not stopped and not solved:
             log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
             if tracks_residual:
                 raw_model.track_newton_residual(log_now)
@@ -393,6 +404,12 @@ def train(job: JobConfig, command: str) -> int:
             state.tokens += tokens_per_step
             progress.update(state.step)
             check_health(state, step, t, chance_loss, job.lr)
+            solved = converged(state, step, t)  # the loss is reduced over ranks: every rank decides alike
+            if solved:
+                log.info(f"step {state.step}: the training loss has been <= trainer.stop_at_loss={t.stop_at_loss:g} "
+                         f"for {state.solved_in_row} steps in a row; stopping early ({t.max_steps - state.step} of "
+                         f"{t.max_steps} steps left)")
+            last = state.step == t.max_steps or solved
 
             if log_now:
                 record = {"step": state.step, "tokens": state.tokens, "loss": step["loss"], "z_loss": step["z_loss"],
@@ -416,7 +433,7 @@ def train(job: JobConfig, command: str) -> int:
                          f"{step['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
                          + (f"  eta {duration(eta)}" if eta is not None else ""))
                 progress.bar.set_postfix(loss=f"{step['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if state.step % t.val_every == 0 or state.step == t.max_steps:
+            if state.step % t.val_every == 0 or last:
                 result = validate(model, data, accelerator.device)
                 metrics.log({"split": "validation", "step": state.step, "tokens": state.tokens, **result,
                              **peak_memory(accelerator.device)})
@@ -424,7 +441,7 @@ def train(job: JobConfig, command: str) -> int:
                          f"{result['val_ppl']:.2f}" + (f"  bpb {result['val_bpb']:.4f}" if result["val_bpb"] else "")
                          + extra_metrics(result))
             stopped = preemption.requested(accelerator.device)  # collective: every rank stops after the same step
-            if stopped or state.step % t.ckpt_every == 0 or state.step == t.max_steps:
+            if stopped or state.step % t.ckpt_every == 0 or last:
                 log.info(f"checkpoint {checkpointer.save(state.step, data.train.state_dict())}")
     finally:
         progress.bar.close()

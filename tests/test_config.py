@@ -345,6 +345,20 @@ def test_no_progress_does_not_fire_on_healthy_or_short_runs():
     assert steps_until_stop([(float("nan"), 0.4)] * 4, short).nonfinite_in_row == 4  # counted, below the limit
 
 
+def test_stop_at_loss_needs_a_whole_window_below_it():
+    """Converged only after ``log_every`` steps in a row at or below ``stop_at_loss``: one step above it (or a
+    non-finite one) starts the count again; without ``stop_at_loss`` never. Mutation: true at the first step
+    below the threshold -> step 2 stops, fails."""
+    t = TrainerConfig(max_steps=100, log_every=4, stop_at_loss=0.01)
+    state, stops = train.TrainState(), []
+    for i, loss in enumerate([0.5, 0.005, 0.005, 0.005, 0.02, 0.01, 0.004, float("nan"), 0.003, 0.003, 0.003, 0.003]):
+        if train.converged(state, {"loss": loss, "finite": math.isfinite(loss)}, t):
+            stops.append(i)
+    assert stops == [11]
+    never = TrainerConfig(max_steps=100, log_every=1)
+    assert not train.converged(train.TrainState(), {"loss": 0.0, "finite": True}, never)
+
+
 def test_logging_is_restored_after_main(capsys):
     """In-process runs leave logging as they found it (handlers, levels)."""
     root = logging.getLogger()

@@ -485,6 +485,23 @@ def test_bare_paragru_solves_parity(tmp_path):
 
 
 @pytest.mark.slow
+def test_solved_run_stops_early_and_a_rerun_does_not_train_on(tmp_path):
+    """``trainer.stop_at_loss`` (the suite's early stop): Parity at L = 32 with room for 1,000 steps stops once the
+    loss has stayed ≤ 0.01 for a logging window (step ~320), solved (≥ 99% of the validation sequences right,
+    the final checkpoint at that step); re-running the command resumes a solved run and trains no further.
+    Mutations: ``converged`` never true -> 1,000 steps, fails; the resumed run not told it was solved (``solved
+    = False`` at start) -> trains on to the next window, fails."""
+    args = ("paragru_synth_bare", "synthetic_parity", "data.seq_len=32", "trainer.max_steps=1000",
+            "trainer.val_every=1000", "model.lr=5e-3", "model.config.clip=null", "trainer.stop_at_loss=0.01")
+    summary = train_synthetic(tmp_path, *args)
+    assert summary["step"] < 600 and summary["val_last_acc"] >= 0.99 and summary["val_exact_acc"] >= 0.99, summary
+    checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert checkpoints[-1] == f"step_{summary['step']:07d}"
+    assert train_synthetic(tmp_path, *args)["step"] == summary["step"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
+
+
+@pytest.mark.slow
 def test_bare_mamba2_stays_at_chance_on_parity(tmp_path):
     """The negative control: a linear recurrence with positive decay cannot track parity; the same budget
     leaves it at chance on the last position (the paper's reading: 52%), per token, and with no sequence fully

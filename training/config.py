@@ -608,6 +608,10 @@ class TrainerConfig(Config):
     max_stalled_steps: int = 20
     """Stop when the run makes no progress for this many steps in a row: a gradient norm of exactly 0, or,
     after warm-up, a training loss within 1e-3 of ln(vocab size) (uniform predictions); 0 disables."""
+    stop_at_loss: float | None = None
+    """Stop early, as if at max_steps (final validation, test sets, export), once the training loss has been at
+    or below this for log_every steps in a row: a solved task (the synthetic suite's) needs no more steps; null:
+    always train max_steps."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
     memory_check: bool = True
@@ -647,6 +651,8 @@ class TrainerConfig(Config):
         for name in ("eps", "grad_clip"):
             if getattr(self, name) <= 0:
                 self.fail(name, "must be > 0")
+        if self.stop_at_loss is not None and self.stop_at_loss <= 0:
+            self.fail("stop_at_loss", "must be > 0 or null")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             self.fail("peak_tflops", "must be > 0 or null")
         if self.compile and self.strategy == "deepspeed":
