@@ -79,8 +79,8 @@ def bucket(name: str, parents: list[str]) -> str:
 
 def breakdown(events, steps: int) -> dict:
     """Milliseconds per step by bucket from ``prof.events()``: device kernels on CUDA (each with the CPU op
-    that launched it and that op's parents), else every CPU op's own time; plus the largest names of
-    ``other`` (to see what the rules miss)."""
+    that launched it and that op's parents), else every CPU op's own time; plus each bucket's largest
+    entries, as kernel <- ops (to see what the rules put where)."""
     from torch.autograd import DeviceType
 
     cpu = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
@@ -100,14 +100,14 @@ def breakdown(events, steps: int) -> dict:
         items.append((name, parents, us))
     kernels = bool(launched)
     ms = dict.fromkeys(BUCKETS, 0.0)
-    other: dict[str, float] = {}
+    named: dict[str, dict[str, float]] = {b: {} for b in BUCKETS}
     for name, parents, us in items:
         b = bucket(name, parents)
         ms[b] += us / 1e3 / steps
-        if b == "other":
-            other[name] = other.get(name, 0.0) + us / 1e3 / steps
-    top = dict(sorted(other.items(), key=lambda kv: -kv[1])[:8])
-    return {"ms": ms, "total_ms": sum(ms.values()), "device": "cuda" if kernels else "cpu", "other_top": top}
+        key = f"{name[:100]} <- {' < '.join(parents[:3])}"  # the kernel and the ops it came from
+        named[b][key] = named[b].get(key, 0.0) + us / 1e3 / steps
+    top = {b: dict(sorted(v.items(), key=lambda kv: -kv[1])[:6]) for b, v in named.items() if v}
+    return {"ms": ms, "total_ms": sum(ms.values()), "device": "cuda" if kernels else "cpu", "top": top}
 
 
 def run_row(args) -> dict:

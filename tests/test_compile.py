@@ -296,3 +296,16 @@ def test_pararnn_recomputation_leaves_gradients_unchanged(cell):
     assert torch.allclose(logits, ref_logits, rtol=1e-10, atol=1e-12)
     for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
+
+
+def test_recompute_projection_follows_recompute_elementwise_unless_set():
+    """Which recomputation each (recompute_elementwise, recompute_projection) pair switches on: P follows the
+    elementwise flag when unset, and either can be had alone (the gradients of each path are checked above and
+    in test_kernels_pararnn). Mutation: ``recompute_projection`` ignored -> the (True, False) and (False, True)
+    rows fail."""
+    for elementwise, projection, keeps_p in [(False, None, True), (True, None, False), (True, False, True),
+                                             (False, True, False)]:
+        model = tiny_model("paragru_tiny", hidden_size=32, num_hidden_layers=2, mode="parallel",
+                           recompute_elementwise=elementwise, recompute_projection=projection)
+        assert [c.save_projection for c in model.cells()] == [keeps_p] * 2, (elementwise, projection)
+        assert all(layer.rnn.recompute == elementwise for layer in model.model.layers), (elementwise, projection)

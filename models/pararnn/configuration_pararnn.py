@@ -39,6 +39,10 @@ class ParaRNNConfig(PretrainedConfig):
             in the backward instead of keeping them (``pararnn_norm.recompute_elementwise``). paragru_1b at
             B8·T2048 on an H200, eager: peak 83 -> 45.5 GiB, step 427 -> 557 ms (benchmarks/RESULTS.md); off
             by default, like gradient checkpointing.
+        recompute_projection: redo the cell's input projection P (3·hidden_size values per token and layer,
+            one block-diagonal GEMM) in the backward instead of keeping it; ``None``: as
+            ``recompute_elementwise``. ``recompute_elementwise=True, recompute_projection=False`` recomputes
+            only the elementwise glue, which costs less time per byte saved than P does.
         decode_graph: how ``generate()`` decodes on CUDA after the prefill (see ``decoding.py``):
             ``"compiled"`` replays one CUDA graph per batch size of the whole one-token step with each
             layer's step fused by ``torch.compile`` (compiled on first use); ``"graph"`` replays a graph of
@@ -55,7 +59,7 @@ class ParaRNNConfig(PretrainedConfig):
                  cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  bos_token_id: int = 50256, eos_token_id: int = 50256, tie_word_embeddings: bool = False,
                  block: str = "lm", position_encoding: str | None = None, recompute_elementwise: bool = False,
-                 decode_graph: str = "compiled", **kwargs):
+                 recompute_projection: bool | None = None, decode_graph: str = "compiled", **kwargs):
         if cell not in CELLS:
             raise ValueError(f"ParaRNNConfig: cell={cell!r} is not one of {', '.join(CELLS)}")
         if mode not in MODES:
@@ -90,3 +94,4 @@ class ParaRNNConfig(PretrainedConfig):
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.recompute_elementwise = recompute_elementwise
+        self.recompute_projection = recompute_projection

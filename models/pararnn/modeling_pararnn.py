@@ -8,7 +8,8 @@ Each layer is an RNN block followed by an MLP block (the paper's §5.2 and App. 
 
 Memory (``config.recompute_elementwise``, off by default): the backward keeps the block's GEMM outputs, the
 cell's trajectory and the residual stream; the norms, conv, SiLU and gating between them are recomputed
-(``pararnn_norm.recompute_elementwise``), and so is the cell's input projection (``save_projection``).
+(``pararnn_norm.recompute_elementwise``), and so is the cell's input projection (``save_projection``) unless
+``config.recompute_projection`` says otherwise.
 
 Document boundaries come as ``position_ids`` that restart at 0 where a document starts: the cell's
 state and the conv's window are both reset there, so nothing crosses a boundary of a packed row.
@@ -77,7 +78,8 @@ class RNNBlock(nn.Module):
         # backward rather than keeping it: one block-diagonal GEMM (d²·3/heads multiply-adds per token) against
         # 6 bytes per token and channel, the largest activation of the block after the MLP's
         # (benchmarks/profile_memory.py).
-        self.cell.save_projection = not config.recompute_elementwise
+        recompute_p = getattr(config, "recompute_projection", None)  # None in configs exported before it existed
+        self.cell.save_projection = not (config.recompute_elementwise if recompute_p is None else recompute_p)
         self.recompute = config.recompute_elementwise
         self.out_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
