@@ -176,10 +176,11 @@ def test_profiler_breakdown_attributes_kernels_to_the_ops_that_launched_them():
     op and the kernels they launched, as ``FunctionEvent.kernels``; no ``linked_correlation_id``, which the
     H200's torch 2.11 lacks: the first GPU run of ``--profile`` failed on it): each kernel's time goes to the
     bucket of its name and launching ops, per step, and a range's own GPU span (listed under the range's
-    name) is not counted again, while Inductor's launch ranges (named as their kernel, no user annotation) are.
+    name) is not counted again, nor is a kernel listed again under CUPTI's "Command Buffer Full" marker, while
+    Inductor's launch ranges (named as their kernel, no user annotation) are.
     Mutations: kernels bucketed without their parents (the head GEMM under the loss range counted as a GEMM)
     -> fails; the span filter dropped -> fails (the optimizer 10x); the filter by name alone -> fails (the
-    Inductor kernel lost)."""
+    Inductor kernel lost); "Command Buffer Full" counted -> fails (the optimizer 90x)."""
     from types import SimpleNamespace as NS
 
     from torch.autograd import DeviceType
@@ -196,8 +197,12 @@ def test_profiler_breakdown_attributes_kernels_to_the_ops_that_launched_them():
     events = [loss, op("aten::mm", loss, [("nvjet_tst_128x256_64x4_2x1_v_bz_TNN", 300.0)]),
               op("aten::mm", None, [("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 500.0)]),
               op("pararnn::forward", None, [("gru_newton_fwd_kernel", 200.0)]),
-              op("Optimizer.step#AdamW.step", None, [("multi_tensor_apply_kernel", 100.0),
-                                                     ("Optimizer.step#AdamW.step", 900.0)], user=True),  # GPU span
+              adamw := op("aten::_fused_adamw_", op("Optimizer.step#AdamW.step", user=True,
+                                                    kernels=[("Optimizer.step#AdamW.step", 900.0)]),  # GPU span
+                          [("multi_tensor_apply_kernel", 100.0)]),
+              # CUPTI's marker for a launch that waited on a full queue lists the kernel again, with a span
+              # longer than the step (the H200 profile: 456 ms of AdamW in a 318-ms step)
+              op("Command Buffer Full", op("cudaLaunchKernel", adamw), [("multi_tensor_apply_kernel", 9000.0)]),
               # Inductor's launch range is named as its kernel, and is no user annotation: counted
               op("triton_poi_fused_add_0", None, [("triton_poi_fused_add_0", 60.0)]),
               NS(name="gru_newton_fwd_kernel", cpu_parent=None, device_type=DeviceType.CUDA, is_async=False,
