@@ -245,6 +245,11 @@ def run_cell(cell: Cell, opts: dict) -> dict:
     with open(_pid_path(cell, opts["runs_dir"]), "w") as f:  # where --time-limit sends its stop signal
         f.write(str(os.getpid()))
     start = time.perf_counter()
+    # A run resumed after --time-limit stopped it: its time so far, so that the table's seconds are the whole run's
+    earlier = 0.0
+    if os.path.exists(record_path(cell, opts["runs_dir"])):
+        with open(record_path(cell, opts["runs_dir"])) as f:
+            earlier = json.load(f).get("seconds", 0.0)
     with _redirected(os.path.join(opts["runs_dir"], f"{cell.name}.log")):
         try:
             code = train.main(overrides(cell, opts))
@@ -266,7 +271,8 @@ def run_cell(cell: Cell, opts: dict) -> dict:
         record["train_newton_residual_max"] = residual
         evaluated = [v for k, v in summary.items() if k.endswith("_newton_fallbacks")]
         record["newton_fallbacks"] = None if fallbacks is None and not evaluated else (fallbacks or 0) + sum(evaluated)
-        record["seconds"] = round(time.perf_counter() - start, 1)
+    if code == EXIT_REQUEUE or "error" not in record:
+        record["seconds"] = round(earlier + time.perf_counter() - start, 1)
     write_record(cell, opts["runs_dir"], record)
     return record
 

@@ -661,8 +661,9 @@ def test_suite_reads_newton_from_metrics_across_a_resume(tmp_path):
 def test_suite_time_limit_stops_the_runs_under_way_and_writes_the_table(tmp_path):
     """``--time-limit``: a run far longer than the limit (60,000 steps) is stopped through train.py's
     preemption handler (a checkpoint, then exit 75), recorded as stopped, and the command still writes the
-    table and ends (exit 1: a run did not finish). Mutation: ``_stop`` sending no signal -> the run goes on
-    past the 120 s timeout: fails."""
+    table and ends (exit 1: a run did not finish); repeated, it resumes that run and records the time of both
+    segments. Mutations: ``_stop`` sending no signal -> the run goes on past the 120 s timeout: fails; the
+    earlier segment's seconds not added -> fails."""
     import signal
     import subprocess
     import sys
@@ -686,3 +687,9 @@ def test_suite_time_limit_stops_the_runs_under_way_and_writes_the_table(tmp_path
     steps = [int(d.split("_")[-1]) for d in os.listdir(out / "runs" / "parity__paragru__s0" / "checkpoints")]
     assert len(steps) == 1 and 0 < steps[0] < 60000  # checkpointed after the step it was stopped in
     assert (out / "table.md").exists() and "1 failed: parity__paragru__s0" in stdout
+    # Repeated, it resumes the run; the time recorded is both segments' (the table's seconds: the whole run's).
+    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), text=True,
+                          capture_output=True, timeout=120)
+    again = json.loads((out / "runs" / "parity__paragru__s0" / "record.json").read_text())
+    assert proc.returncode == 1 and "stopped by a signal" in again["error"], proc.stdout[-2000:]
+    assert again["seconds"] > 1.5 * record["seconds"] > 5, (record, again)  # two segments of ~the same length
