@@ -671,7 +671,7 @@ def test_suite_time_limit_stops_the_runs_under_way_and_writes_the_table(tmp_path
     out = tmp_path / "suite"
     cmd = [sys.executable, "-m", "eval.synthetic_suite", "--out", str(out), "--tasks", "parity", "--archs", "paragru",
            "--seeds", "1", "--steps-scale", "10", "--seq-len", "16", "--test-lengths", "32", "--val-samples", "64",
-           "--test-samples", "64", "--device", "cpu", "--time-limit", "10"]
+           "--test-samples", "64", "--device", "cpu", "--time-limit", "10", "--stop-at-loss", "0"]  # no early end
     # Its own process group: if the limit fails, the timeout ends the suite's workers too.
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
