@@ -4,7 +4,7 @@ under FSDP2 its first-step loss is the one-process loss of the same weights and 
 Before any update the mean next-token cross-entropy should be close to ln V (V: the number of logits,
 computed here from the model's output). An untied LM head whose logits have std σ starts at about
 ln V + σ²/2, so the band [ln V - 0.5, ln V + 1.5] admits heads of up to σ ≈ 1.7 (the presets: 0.58
-Mamba2, 1 Transformer, ≤ 1.3 ParaRNN). A head drawn without regard to the width (HF's Mamba2
+Mamba2, 1 Transformer, 1 ParaRNN: both DCLM heads). A head drawn without regard to the width (HF's Mamba2
 ``_init_weights``: N(0, 0.1), so σ = 0.1·√d) starts near 20 at the 1B width and 28 at the 7B width,
 while at the tiny presets' d = 64 it is within the band: hence the two tests.
 
@@ -121,3 +121,51 @@ def test_fsdp2_first_step_loss_equals_one_process(tmp_path):
         assert max(r["grad_rel_err"].values()) <= 1e-4 and len(r["grad_rel_err"]) > 10, r["worst_grad"]
         assert -0.5 < r["single"][0] - r["ln_vocab"] < 1.5, r
     assert res["results"][0]["rope_rel_err"] < 1e-6
+
+
+def test_pararnn_lm_is_initialised_as_dclm():
+    """Outside the cells the ParaRNN LM is initialised as DCLM's (the paper's App. C.1; our Transformer's): each
+    embedding, projection and head weight a normal truncated at ±3σ with σ = 1/√fan-in, the projections into
+    the residual stream (the RNN block's out_proj, the MLP's down) divided by √(2·(layer + 1)). Checked against
+    those formulas at the 1B width (2 layers): the empirical std within 2% of σ times the truncated normal's
+    own factor (0.9733) and no value beyond 3σ. Mutation: the old N(0, 0.02) with / √(2·layers) -> the head's
+    std 0.02 against 0.0214, and out_proj's depth factor wrong in layer 1: fails."""
+    preset = load_preset("paragru_1b")
+    torch.manual_seed(SEED)
+    model = build_model("pararnn", dict(preset["config"], num_hidden_layers=2, vocab_size=4096, bos_token_id=0,
+                                        eos_token_id=0))
+    d, hidden = model.config.hidden_size, model.config.intermediate_size
+    truncation = 0.9733  # std of a unit normal truncated at ±3
+    expected = {"model.embed_tokens.weight": d ** -0.5, "lm_head.weight": d ** -0.5}
+    for i in range(2):
+        depth = math.sqrt(2 * (i + 1))
+        expected |= {f"model.layers.{i}.rnn.in_proj.weight": d ** -0.5,
+                     f"model.layers.{i}.rnn.out_proj.weight": d ** -0.5 / depth,
+                     f"model.layers.{i}.mlp.gate_up.weight": d ** -0.5,
+                     f"model.layers.{i}.mlp.down.weight": hidden ** -0.5 / depth}
+    weights = dict(model.named_parameters())
+    for name, sigma in expected.items():
+        w = weights[name].detach()
+        assert w.std().item() == pytest.approx(sigma * truncation, rel=0.02), name
+        assert w.abs().max().item() <= 3 * sigma * (1 + 1e-6), name
+
+
+@pytest.mark.parametrize("size", ("1b", "7b"))
+def test_pararnn_starts_at_the_transformers_loss(size):
+    """Both LMs end in an RMSNorm and a DCLM head, so at the same width they start at the same loss (ln V + ~0.49,
+    the logits' std being 1; the 7B run on two H200s had ParaRNN at + 0.8 with its former N(0, 0.02) head).
+    The Transformer is the reference: its own code (Llama's modules, ``_trunc_normal``). Same random tokens,
+    no blocks, 4096-token vocabulary; within 0.05 (~4 standard deviations of the difference). Mutation:
+    ParaRNN's head N(0, 0.02) -> + 0.82 at the 7B width (0.33 apart), fails."""
+    losses = {}
+    # 16 x 256 labels: the label's logit (std 1, mean 0) averages to within ~0.008 of 0 per model
+    tokens = torch.randint(0, 4096, (16, 257), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(256).expand(16, -1)
+    for arch in ("paragru", "transformer"):
+        preset = load_preset(f"{arch}_{size}")
+        torch.manual_seed(SEED)
+        model = build_model(preset["arch"], dict(preset["config"], num_hidden_layers=0, vocab_size=4096,
+                                                 bos_token_id=0, eos_token_id=0))
+        losses[arch] = initial_loss(model, tokens[:, :-1], tokens[:, 1:], positions)[0] - math.log(4096)
+    assert losses["paragru"] == pytest.approx(losses["transformer"], abs=0.05), losses
+    assert 0.35 < losses["paragru"] < 0.6, losses

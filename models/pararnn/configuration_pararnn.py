@@ -28,6 +28,10 @@ class ParaRNNConfig(PretrainedConfig):
         fallback_tol: Newton residual above which a chain is solved again exactly (counted per cell as
             ``newton_fallbacks``); None disables the check.
         cell_init: ``"paper"`` or ``"reference"`` (see ``ParaRNNCell``).
+        initializer_range: ``None``: everything outside the cells as DCLM (the paper's App. C.1, and our
+            Transformer): truncated normals of std 1/√fan-in, residual outputs / √(2·(layer + 1)); its random head
+            starts ln V + 0.49 (logits' std 1 at any width). A number σ: N(0, σ) and residual outputs / √(2·layers)
+            (GPT-2's; the synthetic presets' 0.02, with which their table was measured).
         vocab_size: padded vocabulary (embeddings are untied).
         block: what each layer is. ``"lm"``: the RNN block then a SwiGLU MLP block (§5.1, the LMs);
             ``"mixer"``: the RNN block alone, no MLP (the paper's single-layer synthetic models, App. C.2);
@@ -56,7 +60,7 @@ class ParaRNNConfig(PretrainedConfig):
                  num_hidden_layers: int = 24, num_heads: int = 4, intermediate_size: int | None = None,
                  conv_kernel: int = 4, newton_iters: int = 3, mode: str = "auto", clip: float | None = 0.5,
                  fallback_tol: float | None = FALLBACK_TOL,
-                 cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float = 0.02,
+                 cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float | None = None,
                  bos_token_id: int = 50256, eos_token_id: int = 50256, tie_word_embeddings: bool = False,
                  block: str = "lm", position_encoding: str | None = None, recompute_elementwise: bool = False,
                  recompute_projection: bool | None = None, decode_graph: str = "compiled", **kwargs):

@@ -240,15 +240,22 @@ class ParaRNNPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """The cells their own way (``ParaRNNCell.reset_parameters``, the paper's App. C.1); the rest DCLM's, as the
+        paper says of its LMs and as our Transformer: truncated normals (±3σ) of std 1/√fan-in for the embeddings,
+        projections and head, divided by √(2·(layer + 1)) for the projections into the residual stream. With
+        ``config.initializer_range`` set: N(0, initializer_range), residual outputs / √(2·layers) (GPT-2's)."""
         std = self.config.initializer_range
+        depth = getattr(module, "_residual_depth", None)  # layer index + 1 of an output projection
         if isinstance(module, ParaRNNCell):
             module.reset_parameters()
-        elif isinstance(module, nn.Linear):
-            # DCLM-style: output projections into the residual stream are scaled down with depth.
-            scale = (2 * self.config.num_hidden_layers) ** -0.5 if getattr(module, "_is_residual_out", False) else 1.0
-            module.weight.normal_(0.0, std * scale)
-        elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            if std is not None:
+                scale = 1.0 if depth is None else (2 * self.config.num_hidden_layers) ** -0.5
+                module.weight.normal_(0.0, std * scale)
+            else:
+                fan_in = module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
+                sigma = fan_in ** -0.5 / (1.0 if depth is None else math.sqrt(2 * depth))
+                nn.init.trunc_normal_(module.weight, 0.0, sigma, -3 * sigma, 3 * sigma)
         elif isinstance(module, nn.RMSNorm):
             module.weight.fill_(1.0)
         elif isinstance(module, CausalDepthwiseConv):
@@ -266,11 +273,11 @@ class ParaRNNModel(ParaRNNPreTrainedModel):
         self.layers = nn.ModuleList(ParaRNNLayer(config) for _ in range(config.num_hidden_layers))
         bare = config.block == "bare"
         self.norm = nn.Identity() if bare else nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):  # the projections into the residual stream, for _init_weights
             if not bare:
-                layer.rnn.out_proj._is_residual_out = True
+                layer.rnn.out_proj._residual_depth = i + 1
             if layer.mlp is not None:
-                layer.mlp.down._is_residual_out = True
+                layer.mlp.down._residual_depth = i + 1
         self.gradient_checkpointing = False
         self.post_init()
 
