@@ -384,8 +384,10 @@ def test_lm_training_matches_parallel_mode(cell):
     position_ids = torch.cat([torch.arange(10), torch.arange(T - 10)]).repeat(B, 1)  # two documents per row
     runs = {}
     for mode in ("triton", "parallel"):
+        # N(0, 0.02) outside the cells: SGD at lr 0.5 on DCLM's 9x larger weights at d = 32 amplifies fp32
+        # rounding over the six steps past the tolerance (1.02e-5), in both modes alike
         config = ParaRNNConfig(cell=cell, vocab_size=V, hidden_size=32, num_hidden_layers=2, num_heads=2,
-                               mode=mode, bos_token_id=0, eos_token_id=0)
+                               mode=mode, bos_token_id=0, eos_token_id=0, initializer_range=0.02)
         torch.manual_seed(0)
         model = ParaRNNForCausalLM(config).to(DEVICE)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
