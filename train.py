@@ -390,7 +390,7 @@ def train(job: JobConfig, command: str) -> int:
     progress = Progress(state.step, t.max_steps, tokens_per_step, main_process)
     model.train()
     stopped = False
-    solved = t.stop_at_loss is not None and state.solved_in_row >= t.log_every  # resuming a run that stopped so
+    solved = t.stop_at_loss is not None and state.solved_in_row >= t.log_every  # resumed after a solved stop
     try:
         while state.step < t.max_steps and not stopped and not solved:
             log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps

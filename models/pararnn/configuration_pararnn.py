@@ -30,7 +30,7 @@ class ParaRNNConfig(PretrainedConfig):
         cell_init: ``"paper"`` or ``"reference"`` (see ``ParaRNNCell``).
         initializer_range: ``None``: everything outside the cells as DCLM (the paper's App. C.1, and our
             Transformer): truncated normals of std 1/√fan-in, residual outputs / √(2·(layer + 1)); its random head
-            starts ln V + 0.49 (logits' std 1 at any width). A number σ: N(0, σ) and residual outputs / √(2·layers)
+            starts ln V + ~0.47 (logits' std ~1 at any width). A number σ: N(0, σ) and residual outputs / √(2·layers)
             (GPT-2's; the synthetic presets' 0.02, with which their table was measured).
         vocab_size: padded vocabulary (embeddings are untied).
         block: what each layer is. ``"lm"``: the RNN block then a SwiGLU MLP block (§5.1, the LMs);
