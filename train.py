@@ -232,13 +232,16 @@ class TrainState:
         vars(self).update(state)
 
 
+def solved(state: TrainState, t: TrainerConfig) -> bool:
+    """``log_every`` steps in a row at or below ``trainer.stop_at_loss`` (one lucky batch does not end a run)."""
+    return t.stop_at_loss is not None and state.solved_in_row >= t.log_every
+
+
 def converged(state: TrainState, step: dict, t: TrainerConfig) -> bool:
-    """Count the steps in a row whose (finite) loss is at or below ``trainer.stop_at_loss``; True once there have
-    been ``log_every`` of them (one lucky batch does not end a run)."""
-    if t.stop_at_loss is None:
-        return False
-    state.solved_in_row = state.solved_in_row + 1 if step["finite"] and step["loss"] <= t.stop_at_loss else 0
-    return state.solved_in_row >= t.log_every
+    """Count the steps in a row whose (finite) loss is at or below ``trainer.stop_at_loss``; then :func:`solved`."""
+    if t.stop_at_loss is not None:
+        state.solved_in_row = state.solved_in_row + 1 if step["finite"] and step["loss"] <= t.stop_at_loss else 0
+    return solved(state, t)
 
 
 class TrainingFailed(RuntimeError):
@@ -389,10 +392,9 @@ def train(job: JobConfig, command: str) -> int:
     preemption = Preemption()  # SIGTERM / SIGUSR1: checkpoint at the end of the current step, then stop
     progress = Progress(state.step, t.max_steps, tokens_per_step, main_process)
     model.train()
-    stopped = False
-    solved = t.stop_at_loss is not None and state.solved_in_row >= t.log_every  # resumed after a solved stop
+    stopped, done = False, solved(state, t)  # done already: resumed after a solved stop
     try:
-        while state.step < t.max_steps and not stopped and not solved:
+        while state.step < t.max_steps and not stopped and not done:
             log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
             if tracks_residual:
                 raw_model.track_newton_residual(log_now)
@@ -404,12 +406,12 @@ def train(job: JobConfig, command: str) -> int:
             state.tokens += tokens_per_step
             progress.update(state.step)
             check_health(state, step, t, chance_loss, job.lr)
-            solved = converged(state, step, t)  # the loss is reduced over ranks: every rank decides alike
-            if solved:
+            done = converged(state, step, t)  # the loss is reduced over ranks: every rank decides alike
+            if done:
                 log.info(f"step {state.step}: the training loss has been <= trainer.stop_at_loss={t.stop_at_loss:g} "
                          f"for {state.solved_in_row} steps in a row; stopping early ({t.max_steps - state.step} of "
                          f"{t.max_steps} steps left)")
-            last = state.step == t.max_steps or solved
+            last = state.step == t.max_steps or done
 
             if log_now:
                 record = {"step": state.step, "tokens": state.tokens, "loss": step["loss"], "z_loss": step["z_loss"],

@@ -152,11 +152,12 @@ def test_pararnn_lm_is_initialised_as_dclm():
 
 @pytest.mark.parametrize("size", ("1b", "7b"))
 def test_pararnn_starts_at_the_transformers_loss(size):
-    """Both LMs end in an RMSNorm and a DCLM head, so at the same width they start at the same loss (ln V + ~0.49,
-    the logits' std being 1; the 7B run on two H200s had ParaRNN at + 0.8 with its former N(0, 0.02) head).
-    The Transformer is the reference: its own code (Llama's modules, ``_trunc_normal``). Same random tokens,
-    no blocks, 4096-token vocabulary; within 0.05 (~4 standard deviations of the difference). Mutation:
-    ParaRNN's head N(0, 0.02) -> + 0.82 at the 7B width (0.33 apart), fails."""
+    """Both LMs end in an RMSNorm and a DCLM head, so at the same width they start at the same loss (ln V + ~0.47,
+    the logits' std being ~0.97, a normal truncated at ±3σ; the 7B run on two H200s had ParaRNN at + 0.8 with
+    its former N(0, 0.02) head). The Transformer is the reference: its own code (Llama's modules,
+    ``_trunc_normal``). Same random tokens, no blocks, 4096-token vocabulary; within 0.05 (~4 standard
+    deviations of the difference). Mutation: ParaRNN's head N(0, 0.02) -> + 0.82 at the 7B width (0.33 apart),
+    fails."""
     losses = {}
     # 16 x 256 labels: the label's logit (std 1, mean 0) averages to within ~0.008 of 0 per model
     tokens = torch.randint(0, 4096, (16, 257), generator=torch.Generator().manual_seed(0))

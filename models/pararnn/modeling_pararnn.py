@@ -78,7 +78,7 @@ class RNNBlock(nn.Module):
         # backward rather than keeping it: one block-diagonal GEMM (d²·3/heads multiply-adds per token) against
         # 6 bytes per token and channel, the largest activation of the block after the MLP's
         # (benchmarks/profile_memory.py).
-        recompute_p = getattr(config, "recompute_projection", None)  # None in configs exported before it existed
+        recompute_p = config.recompute_projection
         self.cell.save_projection = not (config.recompute_elementwise if recompute_p is None else recompute_p)
         self.recompute = config.recompute_elementwise
         self.out_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
