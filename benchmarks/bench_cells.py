@@ -8,7 +8,10 @@ Sections (flags; default: all). Correctness of the GPU paths against a float64 o
   U(±0.5) and U(±0.9)), with the kernel time.
 * ``--kernels``: kernel-only timings of ``solve_forward``/``solve_backward`` per method and launch
   configuration (bf16 P, B = 8), with registers/spills of each compiled kernel; the Newton forward also
-  with the convergence check (``fallback_tol``: per-chain residual + the gated sweep launch).
+  with the convergence check (``fallback_tol``: per-chain residual + the gated sweep launch). Inputs in
+  the LM's layout (``--layout lm``, the default: head-split P, bias, clip, resets) or a dense P alone
+  (``contiguous``, as docs/kernels.md's tables were measured); at B8·T2048·N2048 the GRU scan backward
+  takes twice as long in the LM's layout.
 * ``--cells``: the whole cell (input projection GEMM + kernels + projection backward) forward and
   forward+backward, bf16, B = 8, H = 2: ``models.pararnn`` in mode "triton" and "parallel" (torch),
   variants ``models.<mode>[:recompute][:nocheck]`` (``:recompute``: ``save_projection = False``, P
@@ -62,6 +65,7 @@ HEADS = 2
 
 DEV = "cuda"
 DRY = False
+LAYOUT = "lm"  # --layout
 LOWP = torch.bfloat16  # the low-precision dtype benchmarked (fp16 in the CPU dry run: bf16 is broken there)
 
 RESULTS = {"env": {}, "kernels": [], "cells": [], "errors": [], "failures": []}
@@ -231,14 +235,25 @@ BWD_VARIANTS = {
 
 
 def _kernel_inputs(cell, T, N, dtype=None, B=None):
+    """``(P, A, C, g, extra)``: ``extra`` the keyword arguments both solves take. ``--layout lm``: as the LM
+    passes them (P a head-split view of the head-major storage its per-head GEMM writes, 4 heads; bias
+    and clip 0.5 in the kernels; resets every 512 steps; the gradient of h alone); ``contiguous``: a dense
+    ``[B, T, 3, N]`` P and nothing else (the layout of docs/kernels.md's tables)."""
     dtype, B = dtype or LOWP, B or BATCH
     gen = torch.Generator(device=DEV).manual_seed(1)
     K = 1 if cell == "gru" else 2
-    P = torch.randn(B, T, 3, N, device=DEV, generator=gen).to(dtype)
+    lm = LAYOUT == "lm"
+    heads = 4 if lm and N % 4 == 0 else 1
+    P = torch.randn(heads, B, T, 3, N // heads, device=DEV, generator=gen).to(dtype).permute(1, 2, 3, 0, 4)
+    P = P if lm else P.reshape(B, T, 3, N).contiguous()
     A = torch.rand(3, N, device=DEV, generator=gen) - 0.5
     C = torch.rand(2, N, device=DEV, generator=gen) - 0.5 if cell == "lstm" else None
-    g = torch.randn(B, T, K, N, device=DEV, generator=gen).to(dtype)
-    return P, A, C, g
+    g = torch.randn(B, T, *(() if lm else (K,)), N, device=DEV, generator=gen).to(dtype)
+    extra = {}
+    if lm:
+        extra = dict(bias=0.1 * torch.randn(3, N, device=DEV, generator=gen), clip=0.5,
+                     reset=(torch.arange(T, device=DEV) % 512 == 0).expand(B, T))
+    return P, A, C, g, extra
 
 
 IR_DUMPS = {}
@@ -247,14 +262,15 @@ IR_DUMPS = {}
 @guarded("kernels")
 def kernel_variants(cell, T, N, full, B=None):
     B = B or BATCH
-    P, A, C, g = _kernel_inputs(cell, T, N, B=B)
-    h_ref, _ = solve_forward(cell, P, A, C, None, None, method="newton")
+    P, A, C, g, extra = _kernel_inputs(cell, T, N, B=B)
+    reset = extra.pop("reset", None)
+    h_ref, _ = solve_forward(cell, P, A, C, None, reset, method="newton", **extra)
     fv = FWD_VARIANTS[cell] if full else [(m, None) for m in api.METHODS]
     bv = BWD_VARIANTS[cell] if full else [(m, None) for m in api.METHODS]
     fv = fv + [("newton+check", None)]  # the default Newton forward with the convergence check (no fallbacks here)
     for method, cfg in fv:
         kw = dict(method="newton", fallback_tol=1e-4) if method == "newton+check" else dict(method=method)
-        call = lambda: solve_forward(cell, P, A, C, None, None, config=cfg, **kw)
+        call = lambda: solve_forward(cell, P, A, C, None, reset, config=cfg, **kw, **extra)
         h, _ = call()
         kernel = compiled_kernel(call)
         if full and kernel is not None and (cell, method, "fwd") not in IR_DUMPS:
@@ -267,7 +283,7 @@ def kernel_variants(cell, T, N, full, B=None):
         log(f"kern {cell} B{B} T{T} N{N} fwd {method:6s} {cfg} {ms:.4f} ms regs={info.get('regs')} "
             f"spills={info.get('spills')} diff={row['diff_vs_newton_default']:.1e}")
     for method, cfg in bv:
-        call = lambda: solve_backward(cell, P, A, C, None, None, h_ref, g, method=method, config=cfg)
+        call = lambda: solve_backward(cell, P, A, C, None, reset, h_ref, g, method=method, config=cfg, **extra)
         call()
         kernel = compiled_kernel(call)
         if full and kernel is not None and (cell, method, "bwd") not in IR_DUMPS:
@@ -463,11 +479,13 @@ def error_rows(cell, T, N, B=None, time_sequential=True):
 
 # ============================================================================================= main
 def main():
-    global OUT, DEV, DRY, MAIN, BATCH, LOWP
+    global OUT, DEV, DRY, MAIN, BATCH, LOWP, LAYOUT
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--iters", action="store_true")
     ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--layout", choices=("lm", "contiguous"), default="lm",
+                    help="--kernels inputs: as the LM passes them, or a dense P alone (see _kernel_inputs)")
     ap.add_argument("--cells", action="store_true")
     ap.add_argument("--errors", action="store_true")
     ap.add_argument("--cell", default="gru,lstm")
@@ -479,7 +497,7 @@ def main():
     args = ap.parse_args()
     if not (args.iters or args.kernels or args.cells or args.errors):
         args.iters = args.kernels = args.cells = args.errors = True
-    OUT = args.out
+    OUT, LAYOUT = args.out, args.layout
     if args.dry:
         DEV, DRY, MAIN, BATCH, LOWP = "cpu", True, (16, 32), 2, torch.float16
         shapes_default = "16x32,8x32"

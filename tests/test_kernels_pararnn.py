@@ -316,7 +316,8 @@ def test_pick_method_rule():
     assert pick_method("gru", 8, 2048, 1024, "fwd") == "newton"
     assert pick_method("gru", 8, 2048, 2048, "fwd") == "sweep"
     assert pick_method("lstm", 1, 4096, 256, "fwd") == "sweep"
-    assert pick_method("gru", 16, 2048, 1024, "bwd") == "newton"
+    assert pick_method("gru", 8, 2048, 1024, "bwd") == "newton"
+    assert pick_method("gru", 8, 2048, 2048, "bwd") == "sweep"
     assert pick_method("lstm", 4, 2048, 1024, "bwd") == "newton"
     assert pick_method("lstm", 8, 2048, 1024, "bwd") == "sweep"
 

@@ -63,10 +63,11 @@ CONFIGS = {
 # From H200 measurements (bf16, docs/kernels.md, run 2), B·N from 256 to 16384:
 # * GRU fwd: Newton faster up to 8192 chains, the sweep from 16384 -> switch at 12288;
 # * LSTM fwd: the sweep was faster at every measured shape -> always;
-# * GRU bwd: the tiled scan (Newton family) was faster at every measured shape; the sweep's time is
-#   flat in B·N while the scan's grows, so it is switched at 32768 chains (an extrapolation, unmeasured);
+# * GRU bwd: the tiled scan (Newton family) up to 8192 chains; at 16384 (B8·N2048, the 1B LM) in the LM's
+#   own layout (head-split P, bias, clip, resets) the sweep took 0.338 ms against the scan's 0.702
+#   (2026-12-01, scratch config sweep; the docs' 0.387 vs 0.436 was measured on a contiguous P);
 # * LSTM bwd: tiled scan faster up to 4096 chains, the sweep from 8192.
-SWEEP_MIN_CHAINS = {"fwd": {"gru": 12288, "lstm": 0}, "bwd": {"gru": 32768, "lstm": 8192}}
+SWEEP_MIN_CHAINS = {"fwd": {"gru": 12288, "lstm": 0}, "bwd": {"gru": 16384, "lstm": 8192}}
 
 
 def available() -> bool:
