@@ -4,7 +4,7 @@
     python benchmarks/check_gpu.py --out DIR                               # one H200, ~2-3 minutes
     TRITON_INTERPRET=1 python benchmarks/check_gpu.py --small --out DIR    # CPU, tiny shapes, Triton interpreter
 
-Sections (``--only kernels,mamba2,training``; default all):
+Sections (``--only kernels,conv,mamba2,training``; default all):
 
 * ``kernels``: the ParaGRU/ParaLSTM Triton kernels with their GPU launch configs and, on a GPU, the PTX
   fast-math branch (``kernels/pararnn/_math.py``: ``ex2.approx.ftz``/``rcp.approx.ftz``), in fp32 and bf16
@@ -15,6 +15,8 @@ Sections (``--only kernels,mamba2,training``; default all):
   mode "triton" at shapes where :func:`kernels.pararnn.pick_method` chooses each kernel family in each
   direction: y, the final state and every gradient (x, B, b, A, C, h0). (c) The Newton fallback: chains
   that 3 iterations leave unconverged are re-solved exactly (and counted), converged ones untouched.
+* ``conv``: the ParaRNN block's fused causal conv + SiLU kernel (``kernels.conv``), eager and compiled, fp32 and
+  bf16, against the block's torch conv in float64 (output, dv, dweight, dbias) on packed documents.
 * ``mamba2``: the vendored Triton SSD (``models/mamba2/ssd``) on packed rows with document resets
   (``seq_idx``) against ``ssd_chunked`` in float64 (output and the gradients of x, dt, A, B, C, D, dt_bias),
   and a small ``Mamba2DocForCausalLM``: Triton path vs torch path (logits and gradients, fp32 and bf16
@@ -405,8 +407,47 @@ def section_training(dev: torch.device, small: bool) -> None:
         record_true("training", case, f"drop>={drop}", fp32[0] - fp32[-1] >= drop)
 
 
+# ==================================================================================================== conv
+def section_conv(dev: torch.device, small: bool) -> None:
+    """The ParaRNN block's fused conv + SiLU kernel (``kernels.conv``), eager and inside ``torch.compile``,
+    against the block's torch conv (``CausalDepthwiseConv``) in float64: the output and the gradients of v
+    (a strided half of a wider tensor, as the block passes it), weight and bias, on packed documents."""
+    from kernels.conv import causal_conv_silu
+    from models.pararnn.pararnn_conv import CausalDepthwiseConv
+
+    B, T, D = (2, 40, 24) if small else (4, 1000, 1024)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    conv = CausalDepthwiseConv(D, 4).to(dev)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(D, 4, device=dev, generator=gen) * 0.5)
+        conv.bias.copy_(torch.randn(D, device=dev, generator=gen) * 0.1)
+    wide = torch.randn(B, T, 2 * D, device=dev, generator=gen)
+    positions = torch.stack([torch.arange(T, device=dev) % n for n in (7, 300, 1000, 33)[:B]])
+    du = torch.randn(B, T, D, device=dev, generator=gen)
+    ref_conv = CausalDepthwiseConv(D, 4).to(dev).double()
+    ref_conv.load_state_dict(conv.state_dict())
+    compiled = torch.compile(lambda v, w, b, p: causal_conv_silu(v, w, b, p) * 1.0, fullgraph=True)
+    for dtype in (FP32, BF16):
+        # the reference sees the same (rounded) input: what is measured is the kernel's own arithmetic
+        leaves = [wide.to(dtype).double().requires_grad_(), ref_conv.weight, ref_conv.bias]
+        ref = F.silu(ref_conv(leaves[0][..., :D], positions))
+        ref_grads = torch.autograd.grad((ref * du.double()).sum(), leaves)
+        for how, fn in (("eager", causal_conv_silu), ("compiled", compiled)):
+            x = wide.to(dtype).requires_grad_()
+            w, b = conv.weight.detach().clone().requires_grad_(), conv.bias.detach().clone().requires_grad_()
+            u = fn(x[..., :D], w, b, positions)
+            grads = torch.autograd.grad((u.float() * du).sum(), (x, w, b))
+            case = f"conv+silu {how} B{B} T{T} D{D} K4 {str(dtype)[6:]} documents"
+            tol = tol_of(dtype)
+            record("conv", case, "u", max_rel(u, ref), tol)
+            record("conv", case, "dv", max_rel(grads[0][..., :D], ref_grads[0][..., :D]), tol)
+            record("conv", case, "dweight", max_rel(grads[1], ref_grads[1]), tol)
+            record("conv", case, "dbias", max_rel(grads[2], ref_grads[2]), tol)
+
+
 # ==================================================================================================== main
-SECTIONS = {"kernels": section_kernels, "mamba2": section_mamba2, "training": section_training}
+SECTIONS = {"kernels": section_kernels, "conv": section_conv, "mamba2": section_mamba2,
+            "training": section_training}
 
 
 def main() -> int:

@@ -314,3 +314,35 @@ def test_recompute_projection_follows_recompute_elementwise_unless_set():
                            recompute_elementwise=elementwise, recompute_projection=projection)
         assert [c.save_projection for c in model.cells()] == [keeps_p] * 2, (elementwise, projection)
         assert all(layer.rnn.recompute == elementwise for layer in model.model.layers), (elementwise, projection)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_compiled_triton_block_with_recomputation_matches_the_torch_path(cell):
+    """The Triton training path at tiny size: mode "triton" (the cell's kernels and, with ``fused_conv``, the
+    fused conv + SiLU kernel; here through the interpreter) with ``recompute_elementwise`` (selective
+    checkpointing around the conv kernel's custom op), every block compiled with ``fullgraph=True`` as
+    ``trainer.compile`` does, against the same weights in mode "parallel", eager, nothing recomputed (the
+    torch conv and the torch Newton): logits and every parameter gradient in fp32 on packed documents.
+    Mutation: the conv's kernel lookup caching itself in a module-level list (a side effect inside the
+    checkpointed region: Dynamo refuses it; the 1B compiled rows failed so on the H200) -> fails."""
+    from training.compile import compile_blocks
+
+    def run(model):
+        ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+        pos = torch.cat([torch.arange(13), torch.arange(27)]).repeat(2, 1)
+        logits = model(input_ids=ids, position_ids=pos).logits
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+        return logits, torch.autograd.grad((logits * weights).sum(), list(model.parameters()))
+
+    torch._dynamo.reset()
+    fused = tiny_model(f"para{cell}_tiny", hidden_size=32, num_hidden_layers=2, mode="triton",
+                       recompute_elementwise=True, recompute_projection=False, fused_conv=True)
+    plain = tiny_model(f"para{cell}_tiny", hidden_size=32, num_hidden_layers=2, mode="parallel")
+    plain.load_state_dict(fused.state_dict())
+    compile_blocks(fused)
+    logits, grads = run(fused)
+    ref_logits, ref_grads = run(plain)
+    scale = lambda t: t.abs().max().item()  # noqa: E731
+    assert (logits - ref_logits).abs().max().item() <= 1e-4 * scale(ref_logits)
+    for (name, _), a, b in zip(fused.named_parameters(), grads, ref_grads):
+        assert (a - b).abs().max().item() <= 1e-4 * scale(b), name

@@ -47,6 +47,11 @@ class ParaRNNConfig(PretrainedConfig):
             one block-diagonal GEMM) in the backward instead of keeping it; ``None``: as
             ``recompute_elementwise``. ``recompute_elementwise=True, recompute_projection=False`` recomputes
             only the elementwise glue, which costs less time per byte saved than P does.
+        fused_conv: in mode ``"triton"``, the block's conv + SiLU as one Triton kernel (``kernels.conv``: one read
+            of the conv input and one write, where Inductor's kernels for it took ~19 ms of the compiled 1B step)
+            instead of the torch form. Off by default until its effect on the training step is measured: on an
+            H200 it passed ``benchmarks/check_gpu.py --only conv`` (eager and compiled, fp32 and bf16), but no
+            step was timed with it (2026-12-01).
         decode_graph: how ``generate()`` decodes on CUDA after the prefill (see ``decoding.py``):
             ``"compiled"`` replays one CUDA graph per batch size of the whole one-token step with each
             layer's step fused by ``torch.compile`` (compiled on first use); ``"graph"`` replays a graph of
@@ -63,7 +68,8 @@ class ParaRNNConfig(PretrainedConfig):
                  cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float | None = None,
                  bos_token_id: int = 50256, eos_token_id: int = 50256, tie_word_embeddings: bool = False,
                  block: str = "lm", position_encoding: str | None = None, recompute_elementwise: bool = False,
-                 recompute_projection: bool | None = None, decode_graph: str = "compiled", **kwargs):
+                 recompute_projection: bool | None = None, fused_conv: bool = False, decode_graph: str = "compiled",
+                 **kwargs):
         if cell not in CELLS:
             raise ValueError(f"ParaRNNConfig: cell={cell!r} is not one of {', '.join(CELLS)}")
         if mode not in MODES:
@@ -99,3 +105,4 @@ class ParaRNNConfig(PretrainedConfig):
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.recompute_elementwise = recompute_elementwise
         self.recompute_projection = recompute_projection
+        self.fused_conv = fused_conv

@@ -81,6 +81,7 @@ class RNNBlock(nn.Module):
         recompute_p = config.recompute_projection
         self.cell.save_projection = not (config.recompute_elementwise if recompute_p is None else recompute_p)
         self.recompute = config.recompute_elementwise
+        self.fused_conv = config.fused_conv
         self.out_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
         # One element, not 0-dim: FSDP2's fully_shard and DeepSpeed ZeRO cannot shard 0-dim parameters.
@@ -108,7 +109,8 @@ class RNNBlock(nn.Module):
         """``(conv input v, cell input SiLU(conv(v)), gate g)`` of the block input ``x``."""
         v, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)
         prefix = None if group is None else previous_tail(v, self.conv.kernel - 1, group)
-        return v, F.silu(self.conv(v, positions, prefix)), g
+        fused = self.fused_conv and self.cell.mode == "triton"  # the block's kernels go with the cell's
+        return v, self.conv.silu(v, positions, prefix, fused=fused), g
 
     def decode(self, x: Tensor, window: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Token by token from the conv window and the cell state, O(1) per token (what the CUDA graph of

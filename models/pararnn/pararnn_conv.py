@@ -1,8 +1,23 @@
 """The ParaRNN block's short causal depthwise conv: the parallel form over packed documents, the window a
 recurrent decode step needs, and that step (``modeling_pararnn.RNNBlock``)."""
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def _fused_conv_silu(x: Tensor):
+    """The fused Triton conv + SiLU (``kernels.conv``, repository only) if it can run on x's device, else None:
+    exports carry this file without the kernels and use the torch form. No cache: this runs inside
+    checkpointed regions that ``torch.compile`` traces, where mutating a module-level cache is refused."""
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    try:
+        from kernels.conv import causal_conv_silu
+    except ImportError:
+        return None
+    return causal_conv_silu
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -28,6 +43,15 @@ class CausalDepthwiseConv(nn.Module):
                 shifted = shifted * (positions >= j).unsqueeze(-1).to(x.dtype)
             out = out + shifted * self.weight[:, -1 - j]
         return (out + self.bias).to(x.dtype)
+
+    def silu(self, x: Tensor, positions: Tensor | None, prefix: Tensor | None = None, fused: bool = False) -> Tensor:
+        """``SiLU(self(x, positions, prefix))``; ``fused``: by the Triton kernel where it can run (no prefix:
+        not under sequence parallelism), one read of x and one write, fp32 inside (the torch form rounds the
+        conv to x's dtype before the SiLU)."""
+        kernel = _fused_conv_silu(x) if fused and prefix is None else None
+        if kernel is not None:
+            return kernel(x, self.weight, self.bias, positions)
+        return F.silu(self(x, positions, prefix))
 
     def tail(self, x: Tensor, positions: Tensor | None) -> Tensor:
         """The window the next step needs: the last ``kernel - 1`` inputs ``[B, kernel-1, d]``, zero before the
