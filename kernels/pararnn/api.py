@@ -65,7 +65,8 @@ CONFIGS = {
 # * LSTM fwd: the sweep was faster at every measured shape -> always;
 # * GRU bwd: the tiled scan (Newton family) up to 8192 chains; at 16384 (B8·N2048, the 1B LM) in the LM's
 #   own layout (head-split P, bias, clip, resets) the sweep took 0.338 ms against the scan's 0.702
-#   (2026-12-01, scratch config sweep; the docs' 0.387 vs 0.436 was measured on a contiguous P);
+#   (2026-12-01, benchmarks/results/h200/session_2026-12-01c/cell_configs; the docs' 0.387 vs 0.436 was
+#   measured on a contiguous P; `bench_cells.py --kernels` now measures the LM's layout);
 # * LSTM bwd: tiled scan faster up to 4096 chains, the sweep from 8192.
 SWEEP_MIN_CHAINS = {"fwd": {"gru": 12288, "lstm": 0}, "bwd": {"gru": 16384, "lstm": 8192}}
 
