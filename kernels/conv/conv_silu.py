@@ -156,7 +156,7 @@ def _backward(du: Tensor, v: Tensor, weight: Tensor, bias: Tensor,
     K = weight.shape[1]
     w = weight.contiguous()
     g = torch.empty(B, T, D, device=v.device, dtype=torch.promote_types(du.dtype, v.dtype))
-    part = torch.zeros(grid[0] * B, K + 1, D, device=v.device, dtype=torch.float32)
+    part = torch.empty(grid[0] * B, K + 1, D, device=v.device, dtype=torch.float32)  # every entry written
     dv = torch.empty(B, T, D, device=v.device, dtype=v.dtype)
     if dv.numel():
         conv_silu_bwd_pre_kernel[grid](v, w, bias.contiguous(), pos, du, g, part, T, D, v.stride(0), v.stride(1),
