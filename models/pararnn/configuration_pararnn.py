@@ -50,8 +50,8 @@ class ParaRNNConfig(PretrainedConfig):
         fused_conv: in mode ``"triton"``, the block's conv + SiLU as one Triton kernel (``kernels.conv``: one read
             of the conv input and one write, where Inductor's kernels for it took ~19 ms of the compiled 1B step)
             instead of the torch form. Off by default until its effect on the training step is measured: on an
-            H200 it passed ``benchmarks/check_gpu.py --only conv`` (eager and compiled, fp32 and bf16), but no
-            step was timed with it (2026-12-01).
+            H200 it passed ``benchmarks/check_gpu.py --only conv`` (eager and compiled, fp32 and bf16; the kernel
+            was refactored afterwards, CPU-tested only), but no step was timed with it (2026-12-01).
         decode_graph: how ``generate()`` decodes on CUDA after the prefill (see ``decoding.py``):
             ``"compiled"`` replays one CUDA graph per batch size of the whole one-token step with each
             layer's step fused by ``torch.compile`` (compiled on first use); ``"graph"`` replays a graph of
