@@ -36,7 +36,8 @@ BLOCK_T, BLOCK_D, NUM_WARPS = 32, 128, 4
 def _positions(POS, b, t, mt, sPb, sPt, HAS_POS: tl.constexpr):
     """Each step's position in its document; without positions, t (one document per row)."""
     if HAS_POS:
-        return tl.load(POS + b * sPb + t * sPt, mask=mt, other=0)
+        # int32 like t: Triton needs both branches' types equal (the interpreter does not check it)
+        return tl.load(POS + b * sPb + t * sPt, mask=mt, other=0).to(tl.int32)
     return t
 
 
