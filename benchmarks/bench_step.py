@@ -56,8 +56,9 @@ _GEMM = re.compile(r"gemm|sm90|cutlass|cublas|ampere|nvjet|triton_tem|^aten::(mm
 # The ops that hold a mixer's elementwise work: the ParaRNN op (eager Function, compiled custom ops), SSD.
 # Mamba2's torch SSD (the CPU's) has no op of its own: there its work counts as elementwise.
 _MIXER_OP = re.compile(r"^ParaRNNFunction|^pararnn::|^MambaChunkScanCombinedFn|^mamba2_ssd::|scaled_dot_product")
+# The ParaRNN block's fused conv + SiLU (kernels.conv) is the block's glue, as Inductor's conv kernels were.
 _ELEMENTWISE = re.compile(r"triton_(poi|red|per)|elementwise|vectorized|reduce|norm|copy|cat|fill|memset|"
-                          r"memcpy|^aten::", re.I)
+                          r"memcpy|conv_silu_|^aten::", re.I)
 
 
 def bucket(name: str, parents: list[str]) -> str:
@@ -227,10 +228,17 @@ def spawn(args, preset: str, mode: str, timeout: float) -> dict:
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
-    tail = [line for line in err.strip().splitlines() if line.strip()]
-    oom = "OutOfMemoryError" in err or "out of memory" in err
-    reason = "out of memory" if oom else (tail[-1][:200] if tail else f"exit {proc.returncode}")
-    return {**row, "error": reason}
+    return {**row, "error": failure_reason(err, proc.returncode)}
+
+
+def failure_reason(stderr: str, returncode: int) -> str:
+    """One line for a failed row: out of memory, else the last exception line of the traceback (Triton's
+    compilation errors end in source lines and a caret, not in the exception), else the last line."""
+    if "OutOfMemoryError" in stderr or "out of memory" in stderr:
+        return "out of memory"
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return (raised or lines or [f"exit {returncode}"])[-1][:200]
 
 
 def tables(rows: list[dict]) -> str:

@@ -134,12 +134,36 @@ def test_compiled_training_matches_eager_and_learns(tmp_path, preset):
         assert "compile  2 decoder blocks" in f.read()
 
 
+def test_failed_row_names_the_exception():
+    """A failed ``bench_step`` row says why in one line. The stderr below is the one an H200 gave for a Triton
+    compilation error (its traceback ends in the kernel's source and a caret, which the table showed as the
+    reason); then an ordinary traceback, then an OOM. Mutation: the last stderr line as the reason -> fails."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_step import failure_reason
+
+    triton_err = """Traceback (most recent call last):
+  File "/opt/torch/.venv/lib/python3.12/site-packages/triton/compiler/compiler.py", line 80, in make_ir
+    return ast_to_ttir(self.fn, self, context=context, options=options, codegen_fns=codegen_fns,
+           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+triton.compiler.errors.CompilationError: at 7:10:
+def conv_silu_fwd_kernel(V, W, BIAS, POS, U, T, D, sVb, sVt, sPb, sPt,
+    pos = _positions(POS, b, t, mt, sPb, sPt, HAS_POS)
+          ^
+"""
+    assert failure_reason(triton_err, 1) == "triton.compiler.errors.CompilationError: at 7:10:"
+    assert failure_reason("Traceback (most recent call last):\n  File x\nValueError: bad preset\n", 1) == \
+        "ValueError: bad preset"
+    assert failure_reason("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB\n", 1) == "out of memory"
+    assert failure_reason("", 3) == "exit 3"
+
+
 def test_profiler_buckets_of_cuda_kernel_names():
     """``bench_step --profile``'s bucketing on the kernel names an H200 profile holds (cuBLAS / nvjet / cutlass
     GEMMs, SDPA's cutlass and flash kernels, our Triton cell and SSD kernels, Inductor's fused kernels, fused
     AdamW) and by the op they were launched from (the loss range, the ParaRNN custom op). The CPU paths run
     in ``bench_step.py --tiny --profile``. Mutation: the GEMM rule before the mixer-kernel rule -> the cutlass
-    attention kernel counts as a GEMM -> fails; the loss range after the GEMM rule -> the head GEMM -> fails."""
+    attention kernel counts as a GEMM -> fails; the loss range after the GEMM rule -> the head GEMM -> fails;
+    the fused conv kernel left out of the elementwise rule -> "other" -> fails."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from bench_step import bucket
 
@@ -166,6 +190,7 @@ def test_profiler_buckets_of_cuda_kernel_names():
         ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
          ("Optimizer.step#AdamW.step",)): "optimizer",
         ("ncclDevKernel_AllGather_RING_LL", ()): "other",
+        ("conv_silu_bwd_pre_kernel", ("causal_conv::silu_bwd", "## Call CompiledFxGraph x ##")): "norm_elementwise",
     }
     for (name, parents), want in cases.items():
         assert bucket(name, list(parents)) == want, (name, parents, bucket(name, list(parents)))
