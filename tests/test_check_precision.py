@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from benchmarks.check_first_loss import TINY
-from benchmarks.check_precision import compare, random_batch, shrink
+from benchmarks.check_precision import compare, global_rel_err, random_batch, shrink
 from models.count import load_preset
 from models.registry import build_model
 
@@ -39,3 +39,14 @@ def test_bf16_param_gradients_close_to_fp32(preset):
         assert 1e-4 < glob < TOL_GLOBAL, (mode, glob)
         assert median < TOL_MEDIAN, (mode, median)
         assert abs(result["loss"][mode] - result["loss"]["fp32"]) < 0.01, (mode, result["loss"])
+
+
+def test_global_error_is_the_norm_over_all_parameters():
+    """``global_rel_err`` sums per parameter (no concatenated copy of a 7B model's gradients): it must equal the
+    relative norm error of the concatenated vectors. Mutation: the per-parameter errors averaged -> fails."""
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(300, generator=g), "b": 10 * torch.randn(7, 5, generator=g)}
+    grads = {"a": base["a"] + 0.3 * torch.randn(300, generator=g), "b": base["b"].to(torch.bfloat16)}
+    flat = torch.cat([base[n].flatten() for n in base]).double()
+    want = ((torch.cat([grads[n].double().flatten() for n in base]) - flat).norm() / flat.norm()).item()
+    assert global_rel_err(grads, base) == pytest.approx(want, rel=1e-9)
