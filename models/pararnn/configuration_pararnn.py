@@ -49,9 +49,8 @@ class ParaRNNConfig(PretrainedConfig):
             only the elementwise glue, which costs less time per byte saved than P does.
         fused_conv: in mode ``"triton"``, the block's conv + SiLU as one Triton kernel (``kernels.conv``: one read
             of the conv input and one write, where Inductor's kernels for it took ~19 ms of the compiled 1B step)
-            instead of the torch form. Off by default until its effect on the training step is measured: on an
-            H200 it passed ``benchmarks/check_gpu.py --only conv`` (eager and compiled, fp32 and bf16; the kernel
-            was refactored afterwards, CPU-tested only), but no step was timed with it (2026-12-01).
+            instead of the torch form. The compiled 1B step on an H200 takes 274.6 ms with it against 287.7
+            without (ParaLSTM 282.4 against 293.4; ``benchmarks/RESULTS.md``); ``False``: the torch form.
         decode_graph: how ``generate()`` decodes on CUDA after the prefill (see ``decoding.py``):
             ``"compiled"`` replays one CUDA graph per batch size of the whole one-token step with each
             layer's step fused by ``torch.compile`` (compiled on first use); ``"graph"`` replays a graph of
@@ -68,7 +67,7 @@ class ParaRNNConfig(PretrainedConfig):
                  cell_init: str = "paper", rms_norm_eps: float = 1e-5, initializer_range: float | None = None,
                  bos_token_id: int = 50256, eos_token_id: int = 50256, tie_word_embeddings: bool = False,
                  block: str = "lm", position_encoding: str | None = None, recompute_elementwise: bool = False,
-                 recompute_projection: bool | None = None, fused_conv: bool = False, decode_graph: str = "compiled",
+                 recompute_projection: bool | None = None, fused_conv: bool = True, decode_graph: str = "compiled",
                  **kwargs):
         if cell not in CELLS:
             raise ValueError(f"ParaRNNConfig: cell={cell!r} is not one of {', '.join(CELLS)}")
