@@ -6,18 +6,19 @@ the conv kernel returned int64 positions on one branch and int32 steps on the ot
 passed and the H200 refused it ("Inconsistent return types"). Here a child process without
 ``TRITON_INTERPRET`` gives Triton a driver that only names the target (CUDA, capability 90, warp 32) and
 turns every launch into ``JITFunction.run(..., warmup=True)``: Triton's own binding and specialisation of
-the real arguments, then the whole compiler (TTIR, TTGIR, LLVM IR, PTX, and a cubin from the wheel's
-ptxas) with ``--full``, its front end (TTIR, ~1 s) in the test. The front end is where a kernel's types, shapes
-and constexprs are checked, what the interpreter skips; layouts and registers (TTGIR down) were the
-GPU's to find so far. The public functions are called as the LM calls them: the conv + SiLU with and without document
-positions, and the ParaRNN solver's forward and backward for both cells and both methods, with bias,
-clip, resets, an initial state and a head-split P, in fp32 and bf16. Nothing is computed (the outputs
-are uninitialised memory), so values are the interpreter tests' and ``benchmarks/check_gpu.py``'s job.
+the real arguments, then its compiler's front end (TTIR, ~10 s for everything), where a kernel's types,
+shapes and constexprs are checked, what the interpreter skips. ``python tests/test_kernels_compile.py --full``
+goes on to TTGIR, LLVM IR, PTX and a cubin from the wheel's ptxas (~6 minutes on two cores: too slow for the
+suite; layouts and registers are the GPU run's to find). The public functions are called as the LM calls
+them: the conv + SiLU with and without document positions, and the ParaRNN solver's forward and backward for
+both cells and both methods, with bias, clip, resets, an initial state and a head-split P, in fp32 and bf16.
+Nothing is computed (the outputs are uninitialised memory): values are the interpreter tests' and
+``benchmarks/check_gpu.py``'s job.
 
 Mutations seen failing: ``_positions`` in ``kernels/conv/conv_silu.py`` without its ``.to(tl.int32)`` (the
-H200's error); an int32 ``tl.zeros`` accumulator returned beside an fp32 one in a ``tl.static_range`` body of
-the GRU sweep's backward (a loop-carried type change); and a kernel left out of the calls (the coverage
-check below names it).
+H200's error); the GRU sweep backward's ``lam_c`` started as an int32 ``tl.zeros`` (a loop-carried variable
+that becomes fp32 in the chunk loop); the sweep method left out of the calls (the coverage check names the
+two sweep backward kernels no call reached).
 """
 import json
 import os
@@ -77,8 +78,7 @@ class _FrontEndDone(Exception):
 
 def child(full: bool) -> None:
     """Compile instead of launching, make the calls, print the compiled kernels as JSON. Without ``full``,
-    the compiler's front end only (TTIR: ~1 s for everything; the whole pipeline takes ~6 minutes on
-    two cores, most of it in TTGIR -> LLVM and ptxas)."""
+    the compiler's front end only (TTIR; the whole pipeline spends its ~6 minutes in TTGIR -> LLVM and ptxas)."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver, jit
