@@ -327,6 +327,11 @@ def _torchrun_reference(tmp_path_factory, data, strategy) -> dict:
     return h.losses(run_dir)
 
 
+def _grad_norms(run_dir) -> dict:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["grad_norm"] for r in map(json.loads, f) if "grad_norm" in r}
+
+
 def _job(run_dir, data, strategy, sbatch_args=("--nodes=2", "--ntasks-per-node=2")):
     return h.submit(run_dir, [*data, f"trainer={strategy}", *FP32_CPU], sbatch_args)
 
@@ -371,9 +376,13 @@ def _stopped_step(output: str) -> int:
 def test_usr1_checkpoints_every_rank_requeues_and_resumes_exactly(tmp_path_factory, tmp_path, data):
     """USR1 to the emulated job (SLURM's --signal=B:USR1@300 near the time limit) -> batch script ->
     srun -> all 4 ranks: each writes its part of the checkpoint after the same step and exits 75; the
-    script runs `scontrol requeue`; the requeued job (same id, same run_dir) resumes, and the losses of
-    the whole run are those of the uninterrupted 4-process torchrun run, bit for bit (DDP).
-    Mutation: see the module docstring."""
+    script runs `scontrol requeue`; the requeued job (same id, same run_dir) resumes, and the whole run is
+    the uninterrupted 4-process torchrun run (DDP): every step's gradient norm bit for bit (it depends on every
+    weight and on the batch), every logged loss within 1e-6 relative. Once (CI, 2026-12-01, stopped after step
+    6) the loss logged at step 8 differed by 2 ulp while its gradient norm and z-loss, and steps 9-10, were
+    bit-identical (the same training state; why the logged value moved is not known). Mutations: see the
+    module docstring; the resumed run's data one batch ahead (``data.train`` advanced once after loading) ->
+    fails."""
     reference = _torchrun_reference(tmp_path_factory, data, "ddp")
     run_dir = tmp_path / "run"
     job = _job(run_dir, data, "ddp")
@@ -387,7 +396,10 @@ def test_usr1_checkpoints_every_rank_requeues_and_resumes_exactly(tmp_path_facto
     assert {f"data_rank{r}.pt" for r in range(4)} <= set(os.listdir(checkpoint))
     assert "requeued, on 2 node(s)" in output and f"resumed from {checkpoint}" in output
     assert h.summary(run_dir)["step"] == h.STEPS
-    assert h.losses(run_dir) == reference
+    assert _grad_norms(run_dir) == _grad_norms(tmp_path_factory.getbasetemp() / "torchrun4_ddp")
+    got = h.losses(run_dir)
+    assert sorted(got) == sorted(reference)
+    assert all(abs(got[s] - reference[s]) <= 1e-6 * abs(reference[s]) for s in reference), (got, reference)
 
 
 def _loss_of_checkpoint(run_dir, checkpoint, data_dir, rows: int) -> float:
