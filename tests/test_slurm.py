@@ -378,11 +378,11 @@ def test_usr1_checkpoints_every_rank_requeues_and_resumes_exactly(tmp_path_facto
     srun -> all 4 ranks: each writes its part of the checkpoint after the same step and exits 75; the
     script runs `scontrol requeue`; the requeued job (same id, same run_dir) resumes, and the whole run is
     the uninterrupted 4-process torchrun run (DDP): every step's gradient norm bit for bit (it depends on every
-    weight and on the batch), every logged loss within 1e-6 relative. Once (CI, 2026-12-01, stopped after step
-    6) the loss logged at step 8 differed by 2 ulp while its gradient norm and z-loss, and steps 9-10, were
-    bit-identical (the same training state; why the logged value moved is not known). Mutations: see the
-    module docstring; the resumed run's data one batch ahead (``data.train`` advanced once after loading) ->
-    fails."""
+    weight and on the batch), every logged loss within 1e-6 relative. In CI on 2026-12-01 (stopped after step
+    6; the same value in two runs, at two commits) the loss logged at step 8 differed by 2 ulp while its
+    gradient norm and z-loss, and steps 9-10, were bit-identical (the same training state; why the logged
+    value moved is not known). Mutations: see the module docstring; the resumed run's data one batch ahead
+    (``data.train`` advanced once after loading) -> fails."""
     reference = _torchrun_reference(tmp_path_factory, data, "ddp")
     run_dir = tmp_path / "run"
     job = _job(run_dir, data, "ddp")
